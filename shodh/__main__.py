@@ -1,0 +1,3 @@
+from shodh.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,327 @@
+"""The `simulate` stage: run both domains and write raw field shards plus a manifest.
+
+Layout (DESIGN.md): `ROOT/raw/<split>/<domain>-<trajectory:06d>.tar`, one shard per trajectory,
+one sample per frame with `u.npy` float32 [3, N, N, N], `mask.npy` uint8 [N, N, N] and
+`meta.json`; `ROOT/raw/manifest.json` lists shards, counts, sha256 and per-domain normalization
+statistics (train split only). Each finished trajectory also leaves `raw/parts/<domain>-<id>.json`
+(its manifest entry): reruns skip those trajectories, and parallel workers (data_pipeline/)
+write parts that one merge turns into the manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from shodh.data.shards import AtomicShardWriter, read_json, sha256_file, sha256_json, write_json_atomic
+from shodh.errors import DataError, ShodhError, check
+from shodh.physics import domains as physics_domains
+from shodh.physics.domains import ChannelConfig, PorousConfig
+from shodh.physics.solver import NavierStokes, SpectralGrid
+
+log = logging.getLogger(__name__)
+
+SOLVER_VERSION = "shodh-ns-1 (pseudo-spectral, IF-SSP-RK3, 2/3 dealiasing, split Brinkman)"
+MANIFEST_FORMAT = "shodh-raw-1"
+SPLITS = ("train", "val", "test")
+DOMAIN_CODES = {"channel": 1, "porous": 2}  # stable seeds, independent of list order
+Domain = Literal["channel", "porous"]
+
+
+@dataclass
+class SplitCounts:
+    """Trajectories per domain in each split (splits never share a trajectory)."""
+
+    train: int = 4
+    val: int = 1
+    test: int = 1
+
+    def validate(self) -> None:
+        check(self.train >= 1, "train", f"must be >= 1, got {self.train}")
+        check(self.val >= 0 and self.test >= 0, "val", "val and test must be >= 0")
+
+
+@dataclass
+class SimConfig:
+    grid: int = 32  # N: fields are [3, N, N, N]
+    domains: list[Domain] = field(default_factory=lambda: ["channel", "porous"])
+    trajectories: SplitCounts = field(default_factory=SplitCounts)
+    frames: int = 8  # stored frames per trajectory
+    cfl: float = 0.5
+    eta: float = 1e-3  # Brinkman penalization time scale
+    dtype: Literal["float32", "float64"] = "float32"
+    device: str = "cpu"  # execution only: not part of the data's identity
+    threads: int = 0  # torch intra-op threads; 0 = torch's default
+    channel: ChannelConfig = field(default_factory=ChannelConfig)
+    porous: PorousConfig = field(default_factory=PorousConfig)
+
+    def validate(self) -> None:
+        ratio = self.grid // 16
+        check(self.grid >= 16 and self.grid % 16 == 0 and ratio & (ratio - 1) == 0, "grid",
+              f"must be 16 times a power of two (16, 32, 64, 128, ...) so the tokenizer reaches 16^3, got {self.grid}")
+        check(len(self.domains) >= 1 and len(set(self.domains)) == len(self.domains), "domains",
+              f"must list distinct domains, got {self.domains}")
+        check(self.frames >= 2, "frames", f"must be >= 2 (training needs consecutive frames), got {self.frames}")
+        check(0 < self.cfl <= 1.0, "cfl", f"must be in (0, 1], got {self.cfl}")
+        check(self.eta > 0, "eta", f"must be > 0, got {self.eta}")
+        check(self.threads >= 0, "threads", f"must be >= 0, got {self.threads}")
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    domain: str
+    index: int  # per-domain id, unique across splits
+    split: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.domain}-{self.index:06d}"
+
+
+def data_identity(sim: SimConfig, seed: int) -> dict:
+    """What determines the data: the sim config without execution settings, plus seed and solver."""
+    cfg = dataclasses.asdict(sim)
+    for key in ("device", "threads"):
+        cfg.pop(key)
+    return {"sim": cfg, "seed": seed, "solver": SOLVER_VERSION}
+
+
+def plan(sim: SimConfig, seed: int) -> list[Trajectory]:
+    out = []
+    for domain in sim.domains:
+        index = 0
+        for split in SPLITS:
+            for _ in range(getattr(sim.trajectories, split)):
+                state = np.random.SeedSequence([seed, DOMAIN_CODES[domain], index]).generate_state(1)[0]
+                out.append(Trajectory(domain, index, split, int(state)))
+                index += 1
+    return out
+
+
+def raw_dir(root: Path) -> Path:
+    return Path(root) / "raw"
+
+
+def shard_path(root: Path, traj: Trajectory) -> Path:
+    return raw_dir(root) / traj.split / f"{traj.name}.tar"
+
+
+def part_path(root: Path, traj: Trajectory) -> Path:
+    return raw_dir(root) / "parts" / f"{traj.name}.json"
+
+
+def _torch_dtype(sim: SimConfig) -> torch.dtype:
+    return torch.float64 if sim.dtype == "float64" else torch.float32
+
+
+def _grid(sim: SimConfig) -> SpectralGrid:
+    return SpectralGrid(sim.grid, dtype=_torch_dtype(sim), device=sim.device)
+
+
+# ---------------------------------------------------------------- workspace checks
+
+
+def check_workspace(sim: SimConfig, seed: int, root: Path, overwrite: bool) -> str:
+    """Refuse raw data made by another config (unless overwrite, which removes it). Returns sha."""
+    sha = sha256_json(data_identity(sim, seed))
+    raw = raw_dir(root)
+    if not raw.exists():
+        return sha
+    found = []
+    manifest = raw / "manifest.json"
+    if manifest.exists():
+        found.append((manifest, read_json(manifest, "raw manifest").get("config_sha")))
+    found += [(p, read_json(p, "trajectory record").get("config_sha")) for p in sorted((raw / "parts").glob("*.json"))]
+    spin = raw / "spinup" / "channel.json"
+    if spin.exists():
+        found.append((spin, read_json(spin, "spin-up record").get("config_sha")))
+    stale = [(p, other) for p, other in found if other != sha]
+    if stale and not overwrite:
+        path, other = stale[0]
+        raise ShodhError(
+            f"{path}: written by another simulation config (config_sha {other}, now {sha}); "
+            f"rerun with --overwrite to replace {raw}, or pick another --root"
+        )
+    if stale:
+        log.warning("--overwrite: removing %s (made by config %s)", raw, stale[0][1])
+        shutil.rmtree(raw)
+    return sha
+
+
+# ---------------------------------------------------------------- generation
+
+
+def channel_spinup(sim: SimConfig, seed: int, root: Path, sha: str) -> np.ndarray:
+    """The one turbulent state all channel trajectories branch from (cached under raw/spinup/)."""
+    cache, record = raw_dir(root) / "spinup" / "channel.npy", raw_dir(root) / "spinup" / "channel.json"
+    if cache.exists() and record.exists() and read_json(record).get("config_sha") == sha:
+        return np.load(cache, allow_pickle=False)
+    cfg, grid = sim.channel, _grid(sim)
+    solver, geo = physics_domains.channel_solver(cfg, grid, sim.eta)
+    code = np.random.SeedSequence([seed, DOMAIN_CODES["channel"], 999_999]).generate_state(1)[0]
+    solver.set_velocity(physics_domains.channel_initial(cfg, grid, geo, int(code)))
+    t0 = time.perf_counter()
+    with tqdm(total=round(cfg.spinup_time, 6), desc="channel spin-up", unit="t", leave=False) as bar:
+        def tick(stats):
+            bar.update(round(stats.dt, 6))
+
+        steps = _advance(solver, cfg.spinup_time, sim.cfl, cfg.max_dt, tick, "channel spin-up")
+    state = solver.velocity().cpu().numpy()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(f"channel.tmp-{os.getpid()}.npy")
+    np.save(tmp, state, allow_pickle=False)
+    tmp.replace(cache)
+    write_json_atomic(record, {"config_sha": sha, "time": cfg.spinup_time, "steps": steps,
+                               "wall_s": round(time.perf_counter() - t0, 2)})
+    log.info("channel spin-up: %d steps, %.1f s", steps, time.perf_counter() - t0)
+    return state
+
+
+def _advance(solver: NavierStokes, duration: float, cfl: float, max_dt: float, on_step, what: str) -> int:
+    try:
+        return solver.advance(duration, cfl, max_dt, on_step)
+    except FloatingPointError as exc:
+        raise ShodhError(f"{what}: {exc}") from None
+
+
+def _build(sim: SimConfig, traj: Trajectory, spinup: np.ndarray | None):
+    """Solver ready to record frame 0, and the trajectory's static metadata."""
+    grid = _grid(sim)
+    rng = np.random.default_rng(traj.seed)
+    gen = torch.Generator().manual_seed(traj.seed % (1 << 63))
+    what = f"{traj.domain} trajectory {traj.index}"
+    if traj.domain == "channel":
+        cfg = sim.channel
+        solver, geo = physics_domains.channel_solver(cfg, grid, sim.eta)
+        noise = grid.random_solenoidal(kmax=grid.n / 3, rms=cfg.perturbation * physics_domains.bulk_velocity(cfg), generator=gen)
+        solver.set_velocity(torch.from_numpy(spinup).to(grid.device, grid.dtype) + noise * (1 - geo["chi"]))
+        _advance(solver, cfg.decorrelation_time, sim.cfl, cfg.max_dt, None, what)
+        extra = {"re_tau": cfg.re_tau, "u_tau": cfg.u_tau, "wall_height": geo["half_wall"], "channel_height": geo["height"]}
+        return solver, geo["chi"], cfg.frame_interval, cfg.max_dt, extra
+    cfg = sim.porous
+    geo = physics_domains.sphere_packing(cfg, grid, rng)
+    forcing = physics_domains.porous_forcing(cfg, phase=float(rng.uniform(0, 2 * math.pi)))
+    solver = NavierStokes(grid, cfg.nu, forcing, chi_XYZ=geo["chi"], eta=sim.eta)
+    _advance(solver, cfg.spinup_time, sim.cfl, cfg.max_dt, None, what)
+    extra = {"porosity": geo["porosity"], "porosity_target": geo["target"], "spheres": len(geo["radii"])}
+    return solver, geo["chi"], cfg.frame_interval, cfg.max_dt, extra
+
+
+def generate_trajectory(sim: SimConfig, traj: Trajectory, root: Path, sha: str,
+                        spinup: np.ndarray | None, bar: tqdm | None = None) -> dict:
+    """Simulate one trajectory into its shard; returns (and writes) its manifest record."""
+    t0 = time.perf_counter()
+    solver, chi, interval, max_dt, extra = _build(sim, traj, spinup)
+    nu = solver.nu
+    mask = (chi > 0.5).cpu().numpy().astype(np.uint8)
+    sums = np.zeros((2, 3), dtype=np.float64)  # per component: sum, sum of squares
+    path = shard_path(root, traj)
+    with AtomicShardWriter(path) as writer:
+        for frame in range(sim.frames):
+            if frame:
+                _advance(solver, interval, sim.cfl, max_dt, None, f"{traj.domain} trajectory {traj.index}")
+            u = solver.velocity().to(torch.float32).cpu().numpy()
+            u64 = u.astype(np.float64).reshape(3, -1)
+            sums += np.stack([u64.sum(1), (u64**2).sum(1)])
+            meta = {
+                "domain": traj.domain, "trajectory": traj.index, "t": round(solver.t, 9), "frame": frame,
+                "dt": interval, "grid": sim.grid, "nu": nu, "split": traj.split,
+                "forcing": [float(v) for v in solver.forcing(solver.t)], "solver": SOLVER_VERSION, **extra,
+            }
+            writer.write(f"{traj.domain}_{traj.index:05d}_{frame:05d}", {"u.npy": u, "mask.npy": mask, "meta.json": meta})
+            if bar is not None:
+                bar.update(1)
+    record = {
+        "config_sha": sha, "path": str(path.relative_to(raw_dir(root))), "split": traj.split,
+        "domain": traj.domain, "trajectory": traj.index, "samples": writer.count, "sha256": writer.sha256,
+        "voxels": int(u64.shape[1]) * writer.count, "sum": sums[0].tolist(), "sumsq": sums[1].tolist(),
+        "wall_s": round(time.perf_counter() - t0, 3), **extra,
+    }
+    write_json_atomic(part_path(root, traj), record)
+    return record
+
+
+def is_complete(root: Path, traj: Trajectory, sha: str) -> bool:
+    part, shard = part_path(root, traj), shard_path(root, traj)
+    if not (part.exists() and shard.exists()):
+        return False
+    record = read_json(part, "trajectory record")
+    if record.get("config_sha") != sha or record.get("sha256") != sha256_file(shard):
+        log.warning("%s: checksum or config differs from %s; regenerating", shard, part)
+        return False
+    return True
+
+
+def run(sim: SimConfig, seed: int, root: Path, overwrite: bool = False,
+        task_index: int = 0, num_tasks: int = 1, merge: bool = True) -> dict | None:
+    """Generate this task's share of trajectories (round-robin), then merge the manifest."""
+    if sim.threads:
+        torch.set_num_threads(sim.threads)
+    root = Path(root)
+    sha = check_workspace(sim, seed, root, overwrite)
+    trajectories = plan(sim, seed)
+    mine = [t for i, t in enumerate(trajectories) if i % num_tasks == task_index]
+    todo = [t for t in mine if not is_complete(root, t, sha)]
+    if len(todo) < len(mine):
+        log.info("resuming: %d of %d trajectories already complete", len(mine) - len(todo), len(mine))
+    spinup = channel_spinup(sim, seed, root, sha) if any(t.domain == "channel" for t in todo) else None
+    t0 = time.perf_counter()
+    with tqdm(total=len(todo) * sim.frames, desc=f"simulate {sim.grid}^3", unit="frame") as bar:
+        for traj in todo:
+            bar.set_postfix_str(f"{traj.split}/{traj.name}")
+            generate_trajectory(sim, traj, root, sha, spinup, bar)
+    log.info("generated %d trajectories in %.1f s", len(todo), time.perf_counter() - t0)
+    return merge_manifest(sim, seed, root) if merge else None
+
+
+def merge_manifest(sim: SimConfig, seed: int, root: Path) -> dict:
+    """Collect every trajectory record into raw/manifest.json (train-split statistics)."""
+    identity = data_identity(sim, seed)
+    sha = sha256_json(identity)
+    records, missing = [], []
+    for traj in plan(sim, seed):
+        part = part_path(root, traj)
+        if not part.exists():
+            missing.append(traj.name)
+            continue
+        record = read_json(part, "trajectory record")
+        if record.get("config_sha") != sha:
+            raise DataError(f"{part}: written by another config ({record.get('config_sha')}, expected {sha})")
+        records.append(record)
+    if missing:
+        raise DataError(f"{raw_dir(root)}: cannot write the manifest, trajectories missing: {', '.join(missing[:8])}"
+                        + (" ..." if len(missing) > 8 else ""))
+    counts: dict = {s: {d: {"trajectories": 0, "samples": 0} for d in sim.domains} for s in SPLITS}
+    stats = {}
+    for record in records:
+        c = counts[record["split"]][record["domain"]]
+        c["trajectories"] += 1
+        c["samples"] += record["samples"]
+    for domain in sim.domains:
+        train = [r for r in records if r["domain"] == domain and r["split"] == "train"]
+        n = sum(r["voxels"] for r in train)
+        mean = np.sum([r["sum"] for r in train], axis=0) / n
+        var = np.sum([r["sumsq"] for r in train], axis=0) / n - mean**2
+        stats[domain] = {"mean": mean.tolist(), "std": np.sqrt(np.maximum(var, 0)).tolist(),
+                         "voxels": n, "split": "train"}
+    keep = ("path", "split", "domain", "trajectory", "samples", "sha256", "porosity", "wall_s")
+    manifest = {
+        "format": MANIFEST_FORMAT, "config_sha": sha, "generator": identity, "grid": sim.grid,
+        "domains": list(sim.domains), "frames": sim.frames,
+        "shards": [{k: r[k] for k in keep if k in r} for r in records],
+        "counts": counts, "stats": stats,
+    }
+    write_json_atomic(raw_dir(root) / "manifest.json", manifest)
+    return manifest
