@@ -17,6 +17,7 @@ import yaml
 
 from shodh.errors import ConfigError, check
 from shodh.physics.simulate import SimConfig
+from shodh.tracking import TrackingConfig
 
 PROFILE_DIR = "profiles"
 
@@ -28,6 +29,7 @@ class RunConfig:
     profile: str = "custom"
     seed: int = 0
     sim: SimConfig = dataclasses.field(default_factory=SimConfig)
+    tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
 
     def validate(self) -> None:
         check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")

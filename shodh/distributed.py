@@ -1,0 +1,115 @@
+"""The one reader of the distributed environment (torchrun/deepspeed, SLURM, array jobs).
+
+Sources, in order: the launcher's RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT,
+then SLURM's SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS (for `srun python -m ...` without
+a wrapper), then a single process. The `deepspeed` launcher also passes `--local_rank=N` on the
+command line; `strip_local_rank` takes it out of argv (it must agree with LOCAL_RANK).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Mapping
+
+from shodh.errors import ShodhError
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    source: str = "single"  # "launcher", "slurm" or "single"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _int(env: Mapping[str, str], name: str) -> int:
+    try:
+        return int(env[name])
+    except ValueError:
+        raise ShodhError(f"environment variable {name}={env[name]!r} is not an integer") from None
+
+
+def slurm_master(nodelist: str) -> str:
+    """First host of a SLURM nodelist ('node[3-5,9],gpu1' -> 'node3'), without calling scontrol."""
+    first = re.split(r",(?![^\[]*\])", nodelist.strip())[0]
+    match = re.fullmatch(r"(.*?)\[([^\]]+)\](.*)", first)
+    if not match:
+        return first
+    prefix, ranges, suffix = match.groups()
+    start = ranges.split(",")[0].split("-")[0]
+    return f"{prefix}{start}{suffix}"
+
+
+def dist_info(env: Mapping[str, str] | None = None, local_rank_arg: int | None = None) -> DistInfo:
+    env = os.environ if env is None else env
+    if "WORLD_SIZE" in env or "RANK" in env:
+        info = DistInfo(
+            rank=_int(env, "RANK") if "RANK" in env else 0,
+            local_rank=_int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else (local_rank_arg or 0),
+            world_size=_int(env, "WORLD_SIZE") if "WORLD_SIZE" in env else 1,
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=_int(env, "MASTER_PORT") if "MASTER_PORT" in env else 29500,
+            source="launcher",
+        )
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        job = _int(env, "SLURM_JOB_ID") if "SLURM_JOB_ID" in env else 0
+        info = DistInfo(
+            rank=_int(env, "SLURM_PROCID"),
+            local_rank=_int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0,
+            world_size=_int(env, "SLURM_NTASKS"),
+            master_addr=env.get("MASTER_ADDR") or slurm_master(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
+            master_port=_int(env, "MASTER_PORT") if "MASTER_PORT" in env else 20000 + job % 20000,
+            source="slurm",
+        )
+    else:
+        info = DistInfo(local_rank=local_rank_arg or 0)
+    if not 0 <= info.rank < info.world_size:
+        raise ShodhError(f"rank {info.rank} is outside world size {info.world_size} ({info.source} environment)")
+    if local_rank_arg is not None and local_rank_arg != info.local_rank:
+        raise ShodhError(f"--local_rank={local_rank_arg} disagrees with LOCAL_RANK={info.local_rank}")
+    return info
+
+
+def export_env(info: DistInfo) -> None:
+    """Make torch.distributed's env:// init see the resolved values (needed under plain srun)."""
+    os.environ.update({
+        "RANK": str(info.rank), "LOCAL_RANK": str(info.local_rank), "WORLD_SIZE": str(info.world_size),
+        "MASTER_ADDR": info.master_addr, "MASTER_PORT": str(info.master_port),
+    })
+
+
+def strip_local_rank(argv: list[str]) -> tuple[list[str], int | None]:
+    """Remove the launcher's `--local_rank=N` / `--local_rank N` from argv; return it."""
+    out, value, i = [], None, 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--local_rank=") or arg.startswith("--local-rank="):
+            value = int(arg.split("=", 1)[1])
+        elif arg in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            value, i = int(argv[i + 1]), i + 1
+        else:
+            out.append(arg)
+        i += 1
+    return out, value
+
+
+def array_task(env: Mapping[str, str] | None = None) -> tuple[int, int]:
+    """(task index, task count) of a SLURM array job, or (0, 1) outside one."""
+    env = os.environ if env is None else env
+    if "SLURM_ARRAY_TASK_ID" not in env:
+        return 0, 1
+    index = _int(env, "SLURM_ARRAY_TASK_ID") - (_int(env, "SLURM_ARRAY_TASK_MIN") if "SLURM_ARRAY_TASK_MIN" in env else 0)
+    count = _int(env, "SLURM_ARRAY_TASK_COUNT") if "SLURM_ARRAY_TASK_COUNT" in env else 1
+    return index, count
