@@ -173,9 +173,10 @@ def channel_spinup(sim: SimConfig, seed: int, root: Path, sha: str) -> np.ndarra
     code = np.random.SeedSequence([seed, DOMAIN_CODES["channel"], 999_999]).generate_state(1)[0]
     solver.set_velocity(physics_domains.channel_initial(cfg, grid, geo, int(code)))
     t0 = time.perf_counter()
-    with tqdm(total=round(cfg.spinup_time, 6), desc="channel spin-up", unit="t", leave=False) as bar:
+    fmt = "{desc}: {percentage:3.0f}%|{bar}| t={n:.1f}/{total:.1f} [{elapsed}<{remaining}]"
+    with tqdm(total=cfg.spinup_time, desc="channel spin-up", bar_format=fmt, leave=False) as bar:
         def tick(stats):
-            bar.update(round(stats.dt, 6))
+            bar.update(stats.dt)
 
         steps = _advance(solver, cfg.spinup_time, sim.cfl, cfg.max_dt, tick, "channel spin-up")
     state = solver.velocity().cpu().numpy()
