@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.merge_only:
             # Results are bitwise reproducible at a fixed thread count (reduction order), so an
             # explicit sim.threads is honoured everywhere; otherwise the cores are shared out.
-            threads = cfg.sim.threads or max(1, (os.cpu_count() or 1) // args.workers)
+            threads = cfg.sim.threads or max(1, len(os.sched_getaffinity(0)) // args.workers)
             torch.set_num_threads(threads)
             # Check the workspace and spin up the shared channel state once, before forking.
             sha = simulate.check_workspace(cfg.sim, cfg.seed, root, args.overwrite)

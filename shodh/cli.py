@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from shodh.config import RunConfig, available_profiles, load_config
+from shodh.config import RunConfig, available_profiles, load_config, validate_tree
 from shodh.errors import ShodhError
 
 DEFAULT_ROOT = "./shodh-work"
@@ -42,6 +42,21 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, e.g. sim.grid=64")
 
 
+def _launcher_args(parser: argparse.ArgumentParser) -> None:
+    # The deepspeed launcher passes --local_rank=N; shodh.distributed checks it against LOCAL_RANK.
+    parser.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def module_main(verb: str, argv: list[str] | None = None) -> int:
+    """`python -m shodh.<module>` entries for launchers (deepspeed, srun, torchrun): the verb's
+    CLI with the launcher's `--local_rank=N` (which it inserts right after the module) moved
+    behind the verb, so the launched form and `shodh <verb>` are one implementation."""
+    from shodh.distributed import strip_local_rank
+
+    argv, local_rank = strip_local_rank(sys.argv[1:] if argv is None else argv)
+    return main([verb, *([] if local_rank is None else [f"--local-rank={local_rank}"]), *argv])
+
+
 def cmd_config(args, cfg: RunConfig) -> int:
     print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), end="")
     return 0
@@ -59,6 +74,94 @@ def cmd_simulate(args, cfg: RunConfig) -> int:
     return 0
 
 
+def cmd_pretrain(args, cfg: RunConfig) -> int:
+    from shodh.distributed import dist_info
+    from shodh.train.loop import pretrain
+
+    run_dir = pretrain(cfg, ensure_root(args.root), args.run_name, dist_info(local_rank_arg=args.local_rank))
+    print(f"run directory {run_dir}")
+    return 0
+
+
+def cmd_train_tokenizer(args, cfg: RunConfig) -> int:
+    from shodh.distributed import dist_info
+    from shodh.tokenizer.train import train
+
+    info = train(cfg, ensure_root(args.root), dist_info(local_rank_arg=args.local_rank))
+    if info:
+        val = ", ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in info["metrics"].items() if k.startswith("val/") and k.endswith("/vrmse"))
+        print(f"tokenizer {info['id']} in {args.root / 'tokenizer'} (val VRMSE: {val or 'n/a'}; "
+              f"audit rel_max {info['audit']['rel_max']:.2e}, {info['audit']['operator']})")
+    return 0
+
+
+def cmd_audit(args, cfg: RunConfig) -> int:
+    import json
+
+    from shodh.tokenizer.audit import run_audit
+
+    print(json.dumps(run_audit(cfg, ensure_root(args.root), args.grid)))
+    return 0
+
+
+def cmd_encode(args, cfg: RunConfig) -> int:
+    from shodh.distributed import dist_info
+    from shodh.tokenizer.encode import encode
+
+    manifest = encode(cfg, ensure_root(args.root), dist_info(local_rank_arg=args.local_rank))
+    if manifest:
+        counts = manifest["counts"]
+        summary = ", ".join(f"{s}: " + "/".join(f"{d} {counts[s][d]['samples']}" for d in manifest["domains"]) for s in counts)
+        print(f"latents in {args.root / 'latents' / manifest['tokenizer_id']} ({summary} windows)")
+    return 0
+
+
+def cmd_evaluate(args, cfg: RunConfig) -> int:
+    from shodh.eval.evaluate import evaluate
+
+    summary = evaluate(cfg, ensure_root(args.root), args.run)
+    m = summary["metrics"]
+    split = summary["splits"][0]
+    for domain in summary["samples"][split]:
+        print(f"{split}/{domain}: latent_mse {m.get(f'{split}/{domain}/latent_mse', float('nan')):.4g}  "
+              f"vrmse {m.get(f'{split}/{domain}/vrmse', float('nan')):.4g}  "
+              f"(autoencoder floor {m.get(f'{split}/{domain}/ae_floor_vrmse', float('nan')):.4g})")
+    print(f"summary and plots in {summary['run_dir']}/eval")
+    return 0
+
+
+def cmd_study(args, cfg: RunConfig) -> int:
+    import shlex
+
+    from shodh.study.report import nt_table
+    from shodh.study.run import run_study, study_dir
+
+    if args.seeds is not None:
+        cfg = dataclasses.replace(cfg, study=dataclasses.replace(cfg.study, seeds=args.seeds))
+    if args.arms:
+        cfg = dataclasses.replace(cfg, study=dataclasses.replace(cfg.study, arms=list(args.arms)))
+    validate_tree(cfg)
+    # The command as a user would retype it (without --arms/--seed-index/--report-only: the report adds them).
+    command = shlex.join(["shodh", "study", "--profile", args.profile, "--root", str(args.root),
+                          "--seeds", str(cfg.study.seeds), *args.overrides])
+    study = run_study(cfg, ensure_root(args.root), args.seed_index, args.report_only, command)
+    if study is None:
+        print(f"study arm(s) done for seed index {args.seed_index}; assemble with --report-only")
+        return 0
+    for metric in ("vrmse", "latent_mse"):
+        print(f"\nnegative transfer, {metric} ({study['split']} split, {study['seeds']} seed(s)):")
+        print(nt_table(study, metric))
+    print(f"\nstudy.md, study.json and plots in {study_dir(cfg, args.root)} ({study['wall_s']:.0f} s)")
+    return 0
+
+
+def cmd_ui(args, cfg: RunConfig) -> int:
+    from shodh.ui import run_ui
+
+    run_ui(cfg.tracking, ensure_root(args.root), args.host, args.port)
+    return 1  # only reached when the server could not be started
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shodh", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default=os.environ.get("SHODH_LOG_LEVEL", "INFO"))
@@ -72,6 +175,49 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--overwrite", action="store_true", help="replace raw data made by another config")
     p.set_defaults(func=cmd_simulate)
+
+    p = verbs.add_parser("pretrain", help="pretrain the MoE / dense latent transformer (also: deepspeed --module shodh.pretrain)")
+    _common(p)
+    p.add_argument("--run-name", default=None, help="run directory and MLflow run name (default: <profile>-<model.kind>)")
+    _launcher_args(p)
+    p.set_defaults(func=cmd_pretrain)
+
+    p = verbs.add_parser("train-tokenizer", help="train the divergence-free tokenizer (also: deepspeed --module shodh.train_tokenizer)")
+    _common(p)
+    _launcher_args(p)
+    p.set_defaults(func=cmd_train_tokenizer)
+
+    p = verbs.add_parser("audit", help="float64 divergence audit of decoded fields; prints one JSON object")
+    _common(p)
+    p.add_argument("--grid", type=int, default=None, help="audit an N^3 decoder (default: the tokenizer's grid)")
+    p.set_defaults(func=cmd_audit)
+
+    p = verbs.add_parser("encode", help="encode raw shards into latent shards (also: deepspeed --module shodh.encode)")
+    _common(p)
+    _launcher_args(p)
+    p.set_defaults(func=cmd_encode)
+
+    p = verbs.add_parser("evaluate", help="evaluate a pretrained run per domain; metrics and plots into its MLflow run")
+    _common(p)
+    p.add_argument("--run", required=True, help="run directory (ROOT/runs/<experiment>/<name>) or run name")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = verbs.add_parser("study", help="negative-transfer study: MoE vs dense vs single-domain arms, router controls")
+    _common(p)
+    p.add_argument("--seeds", type=int, default=None, help="seeds per arm (study.seeds)")
+    # One comma-separated value, so trailing overrides are never taken for arm names.
+    p.add_argument("--arms", type=lambda text: [a for a in text.split(",") if a], default=None, metavar="ARM[,ARM...]",
+                   help="arms to run/report, comma-separated (study.arms; default all)")
+    p.add_argument("--seed-index", type=int, default=None,
+                   help="run only this seed of the arms, no report (one SLURM array task)")
+    p.add_argument("--report-only", action="store_true", help="assemble the report from finished runs")
+    p.set_defaults(func=cmd_study)
+
+    p = verbs.add_parser("ui", help="MLflow UI over the workspace's tracking store")
+    _common(p)
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
+    p.set_defaults(func=cmd_ui)
     return parser
 
 

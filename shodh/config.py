@@ -15,9 +15,15 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from shodh.data.loader import DataConfig
 from shodh.errors import ConfigError, check
+from shodh.eval.config import EvalConfig
+from shodh.model.config import ModelConfig
 from shodh.physics.simulate import SimConfig
+from shodh.study.config import StudyConfig
+from shodh.tokenizer.config import TokenizerConfig
 from shodh.tracking import TrackingConfig
+from shodh.train.config import TrainConfig
 
 PROFILE_DIR = "profiles"
 
@@ -29,7 +35,13 @@ class RunConfig:
     profile: str = "custom"
     seed: int = 0
     sim: SimConfig = dataclasses.field(default_factory=SimConfig)
+    tokenizer: TokenizerConfig = dataclasses.field(default_factory=TokenizerConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    study: StudyConfig = dataclasses.field(default_factory=StudyConfig)
 
     def validate(self) -> None:
         check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
@@ -82,7 +94,7 @@ def load_config(profile: str, overrides: list[str] | tuple[str, ...] = ()) -> Ru
         for i, part in enumerate(path[:-1]):
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigError(f"bad override '{text}': {'.'.join(path[: i + 1])} is not a section")
+                raise ConfigError(f"{'.'.join(path[: i + 1])}: not a section (bad override '{text}')")
             node = child
         node[path[-1]] = value
     return from_dict(RunConfig, data)

@@ -42,14 +42,13 @@ def _int(env: Mapping[str, str], name: str) -> int:
 
 
 def slurm_master(nodelist: str) -> str:
-    """First host of a SLURM nodelist ('node[3-5,9],gpu1' -> 'node3'), without calling scontrol."""
+    """First host of a SLURM nodelist ('node[3-5,9],gpu1' -> 'node3'), without calling scontrol.
+
+    Every bracket of the first name is replaced by its first value, as `scontrol show hostnames`
+    does ('rack[1-2]-node[3-4]' -> 'rack1-node3'); zero padding is kept ('n[01-04]' -> 'n01').
+    """
     first = re.split(r",(?![^\[]*\])", nodelist.strip())[0]
-    match = re.fullmatch(r"(.*?)\[([^\]]+)\](.*)", first)
-    if not match:
-        return first
-    prefix, ranges, suffix = match.groups()
-    start = ranges.split(",")[0].split("-")[0]
-    return f"{prefix}{start}{suffix}"
+    return re.sub(r"\[([^\]]+)\]", lambda m: m.group(1).split(",")[0].split("-")[0], first)
 
 
 def dist_info(env: Mapping[str, str] | None = None, local_rank_arg: int | None = None) -> DistInfo:

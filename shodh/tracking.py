@@ -68,16 +68,29 @@ class Tracker:
         self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
         if not cfg.mlflow:
             return
+        # An unreachable or broken MLflow store must not stop training: metrics.jsonl is the
+        # source of truth, so any MLflow failure warns once and turns the mirror off.
+        self._guard(self._connect, cfg, root, run_name, params, tags)
+
+    def _guard(self, fn, *args) -> None:
+        try:
+            fn(*args)
+        except Exception as exc:  # noqa: BLE001 - any MLflow/network failure, by design
+            log.warning("MLflow unavailable (%s: %s); continuing with %s only",
+                        type(exc).__name__, exc, self.run_dir / "metrics.jsonl")
+            self._mlflow = None
+
+    def _connect(self, cfg: TrackingConfig, root: Path, run_name: str, params: dict | None, tags: dict | None) -> None:
         import mlflow
 
         uri = tracking_uri(cfg, root)
-        mlflow.set_tracking_uri(uri)
-        client = mlflow.MlflowClient()
+        embedded = not (cfg.uri or os.environ.get("MLFLOW_TRACKING_URI"))
+        # An explicit client, not mlflow.set_tracking_uri: that one exports MLFLOW_TRACKING_URI,
+        # which would send every later Tracker of this process (another root) to this store.
+        client = mlflow.MlflowClient(tracking_uri=uri)
         experiment = client.get_experiment_by_name(cfg.experiment)
         if experiment is None:
-            artifacts = None
-            if uri.startswith("sqlite:///") and not os.environ.get("MLFLOW_TRACKING_URI"):
-                artifacts = (Path(root).resolve() / "mlartifacts").as_uri()
+            artifacts = (Path(root).resolve() / "mlartifacts").as_uri() if embedded else None
             experiment_id = client.create_experiment(cfg.experiment, artifact_location=artifacts)
         else:
             experiment_id = experiment.experiment_id
@@ -87,8 +100,11 @@ class Tracker:
             run = client.create_run(experiment_id, run_name=run_name, tags={"git_sha": git_sha(), **(tags or {})})
             run_id = run.info.run_id
             id_file.write_text(run_id + "\n")
-            for key, value in flatten(params or {}).items():
-                client.log_param(run_id, key, str(value)[:6000])
+            from mlflow.entities import Param
+
+            batch = [Param(k, str(v)[:6000]) for k, v in flatten(params or {}).items()]
+            for i in range(0, len(batch), 100):  # MLflow caps a batch at 100 params
+                client.log_batch(run_id, params=batch[i : i + 100])
         else:
             client.update_run(run_id, status="RUNNING")
         self._mlflow, self.run_id = client, run_id
@@ -105,20 +121,21 @@ class Tracker:
             now = int(time.time() * 1000)
             batch = [Metric(key=k, value=v, timestamp=now, step=step) for k, v in clean.items()]
             for i in range(0, len(batch), 900):  # MLflow caps a batch at 1000 metrics
-                self._mlflow.log_batch(self.run_id, metrics=batch[i : i + 900])
+                self._guard(lambda b: self._mlflow.log_batch(self.run_id, metrics=b), batch[i : i + 900])
+                if self._mlflow is None:
+                    return
 
     def set_tags(self, tags: dict[str, str]) -> None:
         if self._mlflow is not None:
-            for key, value in tags.items():
-                self._mlflow.set_tag(self.run_id, key, str(value))
+            self._guard(lambda: [self._mlflow.set_tag(self.run_id, k, str(v)) for k, v in tags.items()])
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if self._mlflow is not None:
-            self._mlflow.log_artifact(self.run_id, str(path), artifact_path)
+            self._guard(lambda: self._mlflow.log_artifact(self.run_id, str(path), artifact_path))
 
     def close(self, status: str = "FINISHED") -> None:
         if not self.is_main:
             return
         self._jsonl.close()
         if self._mlflow is not None:
-            self._mlflow.set_terminated(self.run_id, status=status)
+            self._guard(lambda: self._mlflow.set_terminated(self.run_id, status=status))

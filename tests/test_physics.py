@@ -59,3 +59,16 @@ def test_channel_profile_and_mean_momentum_balance():
     assert profile[:quarter].mean() < profile[-quarter:].mean()  # ... to the free surface
     assert result["fluct_rms_over_u_tau"] > 0.3  # turbulent, not a laminar profile
     assert result["solid_max_over_max"] < 0.2
+
+
+def test_resample_is_exact_for_band_limited_fields():
+    from shodh.physics.solver import resample
+
+    coarse, fine = SpectralGrid(16, dtype=torch.float64), SpectralGrid(32, dtype=torch.float64)
+    u16 = coarse.random_solenoidal(kmax=5, rms=1.0, generator=torch.Generator().manual_seed(2))
+    u32 = resample(u16, 32)
+    assert torch.allclose(u32[:, ::2, ::2, ::2], u16, atol=1e-12)  # coincident points agree
+    x, y, z = fine.x_CXYZ
+    wave = torch.sin(2 * x + z) * torch.cos(3 * y)
+    assert torch.allclose(resample(wave[None, ::2, ::2, ::2], 32)[0], wave, atol=1e-12)
+    assert torch.allclose(resample(u32, 16), u16, atol=1e-12)

@@ -28,7 +28,7 @@ from shodh.data.shards import AtomicShardWriter, read_json, sha256_file, sha256_
 from shodh.errors import DataError, ShodhError, check
 from shodh.physics import domains as physics_domains
 from shodh.physics.domains import ChannelConfig, PorousConfig
-from shodh.physics.solver import NavierStokes, SpectralGrid
+from shodh.physics.solver import NavierStokes, SpectralGrid, resample
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,10 @@ def channel_spinup(sim: SimConfig, seed: int, root: Path, sha: str) -> np.ndarra
     cache, record = raw_dir(root) / "spinup" / "channel.npy", raw_dir(root) / "spinup" / "channel.json"
     if cache.exists() and record.exists() and read_json(record).get("config_sha") == sha:
         return np.load(cache, allow_pickle=False)
-    cfg, grid = sim.channel, _grid(sim)
+    cfg = sim.channel
+    # The large scales set the turbulent state; the decorrelation run at full resolution
+    # regrows the small ones, so the long spin-up runs on a coarser grid when there is one.
+    grid = SpectralGrid(min(sim.grid, cfg.spinup_grid), dtype=_torch_dtype(sim), device=sim.device)
     solver, geo = physics_domains.channel_solver(cfg, grid, sim.eta)
     code = np.random.SeedSequence([seed, DOMAIN_CODES["channel"], 999_999]).generate_state(1)[0]
     solver.set_velocity(physics_domains.channel_initial(cfg, grid, geo, int(code)))
@@ -179,7 +182,7 @@ def channel_spinup(sim: SimConfig, seed: int, root: Path, sha: str) -> np.ndarra
             bar.update(stats.dt)
 
         steps = _advance(solver, cfg.spinup_time, sim.cfl, cfg.max_dt, tick, "channel spin-up")
-    state = solver.velocity().cpu().numpy()
+    state = resample(solver.velocity(), sim.grid).cpu().numpy()
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(f"channel.tmp-{os.getpid()}.npy")
     np.save(tmp, state, allow_pickle=False)

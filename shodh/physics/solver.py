@@ -84,6 +84,21 @@ class SpectralGrid:
         return u * (rms / u.pow(2).mean().sqrt().clamp_min(1e-30))
 
 
+def resample(u_CXYZ: torch.Tensor, n_out: int) -> torch.Tensor:
+    """Spectral interpolation of a periodic field to an n_out^3 grid (zero-padding the modes).
+
+    Exact for fields band-limited below both grids' Nyquist (dealiased solver states are).
+    """
+    n = u_CXYZ.shape[-1]
+    half = min(n, n_out) // 2
+    uh = torch.fft.rfftn(u_CXYZ, dim=(-3, -2, -1))
+    out = torch.zeros((*u_CXYZ.shape[:-3], n_out, n_out, n_out // 2 + 1), dtype=uh.dtype, device=uh.device)
+    for sx in (slice(0, half), slice(-half + 1, None)):
+        for sy in (slice(0, half), slice(-half + 1, None)):
+            out[..., sx, sy, :half] = uh[..., sx, sy, :half]
+    return torch.fft.irfftn(out, s=(n_out,) * 3, dim=(-3, -2, -1)) * (n_out / n) ** 3
+
+
 def relative_divergence(u_CXYZ: torch.Tensor, grid: SpectralGrid) -> dict[str, float]:
     """Spectral divergence of a stored field: max |div u| and that over rms |∇u|."""
     uh = grid.fft(u_CXYZ.to(grid.dtype))

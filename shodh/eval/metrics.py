@@ -1,0 +1,114 @@
+"""Pure metric functions for evaluating predicted flow fields against the truth.
+
+Shape legend: B batch, C velocity components (3) or latent channels, X Y Z grid (N each),
+K spectral shells. Fields live on the periodic box [0, 2π)^3, so wavenumbers are integers.
+
+Error metrics follow The Well (Ohana et al., 2024), per sample and per component over space:
+    MSE   = mean_x (p - t)^2
+    nRMSE = sqrt( mean_x (p - t)^2 / (mean_x t^2 + eps) )
+    VRMSE = sqrt( mean_x (p - t)^2 / (mean_x (t - mean_x t)^2 + eps) )
+VRMSE = 1 for a prediction that is the spatial mean of the truth, so it says how much of the
+field's variation a model explains, independent of the mean flow; nRMSE also credits the mean.
+The whole box is scored, solid cells included (the truth is ~0 there, leakage counts as error).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from shodh.tokenizer import operators
+
+EPS = 1e-7  # The Well's epsilon: keeps a constant truth from dividing by zero
+BANDS = ("low", "mid", "high")
+SPECTRAL_FLOOR = 1e-6  # band energy floor, as a fraction of the truth's fluctuation energy
+
+
+def mse_B(pred_BCXYZ: torch.Tensor, true_BCXYZ: torch.Tensor) -> torch.Tensor:
+    """Mean squared error per sample: [B, C, X, Y, Z] x2 -> [B] (over components and space)."""
+    return (pred_BCXYZ - true_BCXYZ).pow(2).mean(dim=(-4, -3, -2, -1))
+
+
+def nrmse_BC(pred_BCXYZ: torch.Tensor, true_BCXYZ: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """The Well's nRMSE per sample and component: [B, C, X, Y, Z] x2 -> [B, C]."""
+    err_BC = (pred_BCXYZ - true_BCXYZ).pow(2).mean(dim=(-3, -2, -1))
+    return (err_BC / (true_BCXYZ.pow(2).mean(dim=(-3, -2, -1)) + eps)).sqrt()
+
+
+def vrmse_BC(pred_BCXYZ: torch.Tensor, true_BCXYZ: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """The Well's VRMSE per sample and component: [B, C, X, Y, Z] x2 -> [B, C]."""
+    err_BC = (pred_BCXYZ - true_BCXYZ).pow(2).mean(dim=(-3, -2, -1))
+    var_BC = true_BCXYZ.var(dim=(-3, -2, -1), unbiased=False)
+    return (err_BC / (var_BC + eps)).sqrt()
+
+
+def _shells_and_weights_XYK(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shell index round(|k|) [X, Y, K] int64 of every rfft mode of an N^3 grid, and its weight
+    [X, Y, K]: 2 for 0 < kz < N/2 (the mode stands for itself and its conjugate), else 1."""
+    k = torch.fft.fftfreq(n, 1.0 / n, dtype=torch.float64, device=device)
+    kz = torch.fft.rfftfreq(n, 1.0 / n, dtype=torch.float64, device=device)
+    kx, ky, kz = torch.meshgrid(k, k, kz, indexing="ij")
+    shells_XYK = (kx**2 + ky**2 + kz**2).sqrt().round().long()
+    weights_XYK = torch.full_like(kz, 2.0)
+    weights_XYK[..., 0] = 1.0
+    if n % 2 == 0:
+        weights_XYK[..., -1] = 1.0
+    return shells_XYK, weights_XYK
+
+
+def energy_spectrum_BK(u_BCXYZ: torch.Tensor) -> torch.Tensor:
+    """Shell-summed kinetic energy E(k) = Σ_{|k'| ≈ k} ½ |û(k')|² / N^6: [B, 3, X, Y, Z] -> [B, K].
+
+    Normalized so that Σ_k E(k) = ½ mean_x |u|² (Parseval); shell 0 is the mean flow, K - 1 the
+    largest shell of the cube's corners (round(√3 N/2)). Uses the real FFT (half the work)."""
+    n = u_BCXYZ.shape[-1]
+    shells_XYK, weights_XYK = _shells_and_weights_XYK(n, u_BCXYZ.device)
+    uh = torch.fft.rfftn(u_BCXYZ, dim=(-3, -2, -1))
+    power_BXYK = 0.5 * uh.abs().pow(2).sum(dim=-4) * weights_XYK / n**6
+    out_BK = power_BXYK.new_zeros(power_BXYK.shape[0], int(shells_XYK.max()) + 1)
+    return out_BK.index_add_(1, shells_XYK.flatten(), power_BXYK.flatten(1))
+
+
+def band_edges(n: int) -> tuple[float, float]:
+    """Edges between the low/mid/high bands: shells 1 .. N/2 split in thirds on a log scale
+    (N=16: 2, 4; N=64: 3.2, 10.1), so each band spans the same ratio of scales."""
+    k_max = n / 2
+    return k_max ** (1 / 3), k_max ** (2 / 3)
+
+
+def band_of_K(k_count: int, n: int) -> torch.Tensor:
+    """Band index per shell (0 low, 1 mid, 2 high, -1 for the mean flow k = 0): [K] int64."""
+    lo, hi = band_edges(n)
+    k_K = torch.arange(k_count, dtype=torch.float64)
+    band_K = (k_K >= lo).long() + (k_K >= hi).long()
+    band_K[0] = -1
+    return band_K
+
+
+def spectral_error_B3(pred_BCXYZ: torch.Tensor, true_BCXYZ: torch.Tensor) -> torch.Tensor:
+    """Binned relative spectral error per sample: [B, C, X, Y, Z] x2 -> [B, 3] (low, mid, high).
+
+    For each band, Σ E_err(k) / Σ E_true(k) over its shells, with E the energy spectrum of the
+    error field p - t and of the truth: 0 for a perfect prediction, 1 when the error carries as
+    much energy as the truth at those scales (e.g. a prediction of zero). Shells past N/2 (the
+    corners of the cube) count as high; the mean flow (k = 0) is excluded. A band in which the
+    truth holds less than SPECTRAL_FLOOR of its fluctuation energy is divided by that floor
+    instead, so a nearly empty band (a smooth field's high wavenumbers) cannot blow up."""
+    n = true_BCXYZ.shape[-1]
+    err_BK = energy_spectrum_BK(pred_BCXYZ - true_BCXYZ)
+    true_BK = energy_spectrum_BK(true_BCXYZ)
+    band_K = band_of_K(true_BK.shape[-1], n).to(true_BK.device)
+    floor_B = SPECTRAL_FLOOR * true_BK[:, 1:].sum(-1) + 1e-300
+    out = []
+    for b in range(len(BANDS)):
+        sel = band_K == b
+        out.append(err_BK[:, sel].sum(-1) / torch.maximum(true_BK[:, sel].sum(-1), floor_B))
+    return torch.stack(out, dim=-1)
+
+
+def divergence(u_BCXYZ: torch.Tensor, operator: str) -> dict[str, float]:
+    """Divergence of a batch of decoded fields in their dtype (float64 for decoded fields), with
+    the tokenizer's audit operator: {"max_abs": max |div u|, "rel_max": that / rms |∇u|}.
+    u = curl A is divergence-free to round-off under its matching operator."""
+    stats = operators.divergence_stats(u_BCXYZ, operator)
+    return {"max_abs": stats["max_abs"], "rel_max": stats["rel_max"]}
+

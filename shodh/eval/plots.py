@@ -1,0 +1,111 @@
+"""Evaluation figures (PNG, matplotlib Agg): training curves, rollouts, spectra, mid-plane slices.
+
+Each function takes plain arrays, writes one file and returns its path. The routing heatmap is
+pretraining's `shodh.train.loop.routing_heatmap`, so both stages draw it the same way.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from shodh.errors import DataError  # noqa: E402
+
+COMPONENTS = ("u_x", "u_y", "u_z")
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def mse_curves(metrics_jsonl: Path, domains: list[str], path: Path) -> Path:
+    """train/loss and val/<domain>/latent_mse against the training step, from metrics.jsonl."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    names = ["train/loss"] + [f"val/{d}/latent_mse" for d in domains]
+    if metrics_jsonl.is_file():
+        for n, line in enumerate(metrics_jsonl.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                raise DataError(f"{metrics_jsonl}: line {n} is not JSON") from None
+            for name in names:
+                if name in row:
+                    series.setdefault(name, []).append((int(row["step"]), float(row[name])))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in names:
+        if name in series:
+            # evaluate logs at the final step again: keep the last value per step
+            points = sorted(dict(series[name]).items())
+            ax.plot(*zip(*points), marker="o" if name != "train/loss" else None, ms=3, label=name)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("latent MSE (normalized)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.set_title("one-step latent MSE")
+    return _save(fig, path)
+
+
+def rollout_curves(rollout: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> Path:
+    """Per domain: latent MSE and decoded VRMSE against the autoregressive step k."""
+    fig, (ax_l, ax_v) = plt.subplots(1, 2, figsize=(9, 3.5))
+    for domain, (latent_k, vrmse_k) in rollout.items():
+        k = np.arange(1, len(latent_k) + 1)
+        ax_l.plot(k, latent_k, marker="o", label=domain)
+        ax_v.plot(k, vrmse_k, marker="o", label=domain)
+    ax_l.set(xlabel="rollout step k", ylabel="latent MSE", title="rollout, latent space")
+    ax_v.set(xlabel="rollout step k", ylabel="VRMSE", title="rollout, decoded field")
+    ax_v.axhline(1.0, color="grey", lw=0.8, ls="--")  # VRMSE 1 = no better than the spatial mean
+    for ax in (ax_l, ax_v):
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def spectra(spectra_by_domain: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> Path:
+    """Per domain: shell energy spectrum E(k) of the truth and of the one-step prediction."""
+    domains = list(spectra_by_domain)
+    fig, axes = plt.subplots(1, max(1, len(domains)), figsize=(4.5 * max(1, len(domains)), 3.5), squeeze=False)
+    for ax, domain in zip(axes[0], domains):
+        true_K, pred_K = spectra_by_domain[domain]
+        k = np.arange(1, len(true_K))  # shell 0 is the mean flow: not on a log axis
+        ax.loglog(k, true_K[1:], label="truth")
+        ax.loglog(k, pred_K[1:], ls="--", label="prediction")
+        ax.set(xlabel="wavenumber |k|", ylabel="E(k)", title=domain)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def slices(slices_by_domain: dict, path: Path, component: int = 0) -> Path:
+    """Per domain (rows): mid-plane z = N/2 of one velocity component, truth / prediction / error."""
+    domains = list(slices_by_domain)
+    fig, axes = plt.subplots(max(1, len(domains)), 3, figsize=(10, 3.2 * max(1, len(domains))), squeeze=False)
+    for row, domain in zip(axes, domains):
+        true_CXYZ, pred_CXYZ = (np.asarray(a) for a in slices_by_domain[domain])
+        mid = true_CXYZ.shape[-1] // 2
+        true_XY, pred_XY = true_CXYZ[component, :, :, mid], pred_CXYZ[component, :, :, mid]
+        lo, hi = float(true_XY.min()), float(true_XY.max())
+        err = np.abs(pred_XY - true_XY).max() or 1.0
+        for ax, image, title, kw in (
+            (row[0], true_XY, "truth", dict(vmin=lo, vmax=hi, cmap="viridis")),
+            (row[1], pred_XY, "prediction", dict(vmin=lo, vmax=hi, cmap="viridis")),
+            (row[2], pred_XY - true_XY, "error", dict(vmin=-err, vmax=err, cmap="RdBu_r")),
+        ):
+            im = ax.imshow(image.T, origin="lower", **kw)  # x right, y up
+            ax.set_title(f"{domain}: {COMPONENTS[component]} {title}", fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -1,0 +1,148 @@
+"""The latent transformer: z_t [B, C, 16, 16, 16] -> z_{t+1} = z_t + Δ, with MoE or dense FFNs.
+
+z is cut into p^3-voxel patches (one token each), embedded linearly, given a learned 3D
+position embedding (sum of one table per axis), passed through L pre-norm blocks (attention
+and FFN) and projected back to patches. The FFN of block i is a DeepSpeed Top-1 MoE when
+`kind == "moe"` and (i + 1) % moe_every == 0, else a dense MLP. The dense baselines put dense
+MLPs everywhere: `dense_active` at the MoE's active width, `dense_total` at its total width.
+The domain label is never an input: whatever specialization the router finds, it finds from z.
+(Sole exception, a study control: model.router=oracle hands it to the router, nothing else.)
+
+Shape legend: B batch, C latent channels, X/Y/Z latent grid (16 each), N tokens per sample,
+P = C*p^3 values per patch, D model width, T heads, A head width, H FFN width.
+"""
+
+from __future__ import annotations
+
+import math
+import einops
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shodh.errors import ShodhError
+from shodh.model.config import LATENT_GRID, ModelConfig
+from shodh.model.moe import MLP, MoEFFN, init_mlp
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x_BND: torch.Tensor) -> torch.Tensor:
+        q_BTNA, k_BTNA, v_BTNA = einops.rearrange(self.qkv(x_BND), "b n (three t a) -> three b t n a",
+                                                  three=3, t=self.heads)
+        o_BTNA = F.scaled_dot_product_attention(q_BTNA, k_BTNA, v_BTNA)
+        return self.proj(einops.rearrange(o_BTNA, "b t n a -> b n (t a)"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, index: int, expert_offset: int, seed: int):
+        super().__init__()
+        std, out_std = 0.02, 0.02 / math.sqrt(2 * cfg.depth)  # GPT-2: residual writes shrink with depth
+        self.norm1, self.norm2 = nn.LayerNorm(cfg.dim), nn.LayerNorm(cfg.dim)
+        self.attn = Attention(cfg.dim, cfg.heads)
+        with torch.no_grad():
+            self.attn.qkv.weight.normal_(0.0, std)
+            self.attn.proj.weight.normal_(0.0, out_std)
+        if cfg.is_moe_block(index):
+            self.ffn: nn.Module = MoEFFN(
+                cfg.dim, cfg.expert_dim, cfg.num_experts, cfg.ep_size, cfg.capacity_factor,
+                cfg.eval_capacity_factor, cfg.min_capacity,
+                None if cfg.noisy_gate_policy == "none" else cfg.noisy_gate_policy,
+                cfg.shared_expert, index, expert_offset, seed, std, out_std,
+                router=cfg.router, tokens=cfg.tokens, router_domains=cfg.router_domains)
+        else:
+            self.ffn = MLP(cfg.dim, cfg.dense_ffn_dim())
+            init_mlp(self.ffn, std, out_std)
+
+    def forward(self, x_BND: torch.Tensor, domain_B: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x_BND = x_BND + self.attn(self.norm1(x_BND))
+        if isinstance(self.ffn, MoEFFN):
+            y_BND, aux = self.ffn(self.norm2(x_BND), domain_B)
+            return x_BND + y_BND, aux
+        return x_BND + self.ffn(self.norm2(x_BND)), None
+
+
+class LatentTransformer(nn.Module):
+    """Next-latent predictor. `expert_offset`: this rank's first global expert (ep_rank * E / ep_size)."""
+
+    def __init__(self, cfg: ModelConfig, channels: int, seed: int = 0, expert_offset: int = 0):
+        super().__init__()
+        self.cfg, self.channels = cfg, channels
+        n = LATENT_GRID // cfg.patch
+        self.n_axis = n
+        patch_values = channels * cfg.patch**3
+        self.embed = nn.Linear(patch_values, cfg.dim)
+        self.pos_x, self.pos_y, self.pos_z = (nn.Parameter(torch.randn(n, cfg.dim) * 0.02) for _ in range(3))
+        self.blocks = nn.ModuleList(Block(cfg, i, expert_offset, seed) for i in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.dim)
+        self.head = nn.Linear(cfg.dim, patch_values)
+        with torch.no_grad():
+            self.embed.weight.normal_(0.0, 0.02)
+            self.embed.bias.zero_()
+            self.head.weight.normal_(0.0, 0.02)
+            self.head.bias.zero_()
+
+    def position_ND(self) -> torch.Tensor:
+        return einops.rearrange(self.pos_x[:, None, None] + self.pos_y[None, :, None] + self.pos_z[None, None, :],
+                                "x y z d -> (x y z) d")
+
+    def forward(self, z_BCXYZ: torch.Tensor, domain_B: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (z_next [B, C, 16, 16, 16], summed MoE aux loss (0 for dense models)).
+        domain_B [B]: domain labels, accepted only by model.router=oracle (its router alone reads them)."""
+        if (domain_B is not None) != (self.cfg.router == "oracle"):
+            raise ShodhError(f"model.router={self.cfg.router}: domain labels are "
+                             f"{'required' if self.cfg.router == 'oracle' else 'never a model input'}")
+        p = self.cfg.patch
+        patches_BNP = einops.rearrange(z_BCXYZ, "b c (x p) (y q) (z r) -> b (x y z) (p q r c)", p=p, q=p, r=p)
+        x_BND = self.embed(patches_BNP) + self.position_ND()
+        aux = z_BCXYZ.new_zeros(())
+        for block in self.blocks:
+            x_BND, block_aux = block(x_BND, domain_B)
+            if block_aux is not None:
+                aux = aux + block_aux
+        delta_BNP = self.head(self.norm(x_BND))
+        n = self.n_axis
+        delta_BCXYZ = einops.rearrange(delta_BNP, "b (x y z) (p q r c) -> b c (x p) (y q) (z r)",
+                                       x=n, y=n, z=n, p=p, q=p, r=p)
+        return z_BCXYZ + delta_BCXYZ.to(z_BCXYZ.dtype), aux
+
+
+def count_params(model: nn.Module) -> dict[str, int]:
+    """total: every parameter of the full model (all E experts, not just this rank's);
+    active: the ones one token passes through (one routed expert per MoE layer);
+    router: gate weights plus the residual-MoE mixing coefficients (absent from dense models)."""
+    cfg: ModelConfig = model.cfg
+    total = active = router = 0
+    for name, p in model.named_parameters():
+        n = p.numel()
+        if ".deepspeed_experts." in name:
+            local = cfg.num_experts // cfg.ep_size
+            total += n * cfg.num_experts // local  # this rank holds E/ep_size of the E experts
+            active += n // local
+            continue
+        total += n
+        active += n
+        if ".gate.wg." in name or ".coefficient." in name:
+            router += n
+    return {"total": total, "active": active, "router": router}
+
+
+def forward_flops_per_token(cfg: ModelConfig, channels: int) -> int:
+    """Matmul FLOPs of one forward pass per token (2 per multiply-add), as routed at capacity 1.0:
+    embed/head, attention projections and scores, each FFN at its active width, gates, and the
+    residual-MoE coefficient. Training costs 3x this (forward + 2x backward)."""
+    D, N, P = cfg.dim, cfg.tokens, channels * cfg.patch**3
+    flops = 2 * P * D * 2  # embed + head
+    for i in range(cfg.depth):
+        flops += 2 * D * 3 * D + 2 * D * D + 2 * 2 * N * D  # qkv, proj, q·k and p·v
+        if cfg.is_moe_block(i):
+            flops += 2 * 2 * D * cfg.active_ffn_dim + 2 * D * cfg.num_experts
+            flops += 2 * D * 2 if cfg.shared_expert else 0
+        else:
+            flops += 2 * 2 * D * cfg.dense_ffn_dim()
+    return flops

@@ -1,0 +1,77 @@
+"""The study's arms: which model, router and data mix each one trains, and its single-domain reference.
+
+Every arm starts from the same resolved config (tokenizer, latents, schedule, hyperparameters,
+train.max_steps); an arm changes only model.kind, model.router and the data mix. Token budget
+per domain: a single-domain arm trains the same number of steps with the micro batch scaled by
+that domain's mixing weight (0.5 for two equal domains), so per step and in total it sees as
+many of that domain's tokens as the mixed arm draws in expectation (the mixed stream draws each
+item's domain at random, so its count is binomial around that), under the identical lr schedule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from shodh.config import RunConfig, validate_tree
+from shodh.errors import ConfigError
+from shodh.study.config import StudyConfig
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    kind: str  # model.kind
+    router: str  # model.router
+    domain: str | None  # the only domain it trains on; None = the configured mix
+
+    @property
+    def family(self) -> str:
+        """Single-domain arms an arm is compared with: moe_single_<d> or dense_single_<d>."""
+        return "moe" if self.kind == "moe" else "dense"
+
+    def reference(self, domain: str) -> str:
+        return f"{self.family}_single_{domain}"
+
+
+def all_arms(domains: list[str]) -> list[Arm]:
+    """Mixed arms, then the controls, then the single-domain references, in report order."""
+    arms = [Arm("moe_mixed", "moe", "learned", None),
+            Arm("dense_active_mixed", "dense_active", "learned", None),
+            Arm("dense_total_mixed", "dense_total", "learned", None),
+            Arm("moe_random", "moe", "hash", None),
+            Arm("moe_oracle", "moe", "oracle", None)]
+    for d in domains:
+        arms += [Arm(f"moe_single_{d}", "moe", "learned", d), Arm(f"dense_single_{d}", "dense_active", "learned", d)]
+    return arms
+
+
+def select(names: list[str], domains: list[str]) -> list[Arm]:
+    """The named arms (all when empty), in report order; unknown names are a ConfigError."""
+    known = {a.name: a for a in all_arms(domains)}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ConfigError(f"study.arms: unknown arm(s) {unknown} (known: {', '.join(known)})")
+    return [a for a in known.values() if not names or a.name in names]
+
+
+def arm_config(base: RunConfig, arm: Arm, domains: list[str], seed_index: int) -> RunConfig:
+    """The resolved config one arm x seed trains with."""
+    weights = {d: w for d, w in base.data.weights.items() if w > 0}
+    model = dataclasses.replace(base.model, kind=arm.kind, router=arm.router, router_domains=len(domains))
+    data, train = base.data, base.train
+    if arm.domain is not None:
+        share = weights.get(arm.domain, 0.0) / sum(weights.values())
+        micro = base.train.micro_batch * share
+        if share == 0 or abs(micro - round(micro)) > 1e-9:
+            raise ConfigError(f"train.micro_batch: {base.train.micro_batch} x the '{arm.domain}' share {share:g} of "
+                              f"data.weights must be a whole number >= 1 for arm {arm.name} (equal token budget per "
+                              f"domain); use a micro batch divisible by the number of domains")
+        data = dataclasses.replace(base.data, weights={arm.domain: 1.0})
+        train = dataclasses.replace(base.train, micro_batch=int(round(micro)), global_batch=0)
+    # A child's config must not depend on how the study was launched (--seeds, --arms, one seed index):
+    # its `study` section keeps only the name, so relaunches find their finished runs.
+    cfg = dataclasses.replace(base, seed=base.seed + seed_index, model=model, data=data, train=train,
+                              study=StudyConfig(name=base.study.name))
+    validate_tree(cfg)
+    return cfg

@@ -1,0 +1,106 @@
+"""Gradient conflict between domains on the shared parameters, measured at a run's checkpoints.
+
+At every saved checkpoint the model (weights only) gets the training objective's gradient
+(latent MSE + model.aux_loss_coef * aux) on held-out val batches of each domain, in eval mode
+without token dropping, so the gradients are deterministic. Only parameters every token passes
+through count ("shared": attention, embeddings and position tables, router and residual-MoE
+coefficient, shared expert, norms, head, and the dense FFN of dense blocks); routed experts are
+excluded, since a token only reaches its own. The held-out batches come from the study's base
+data config, so every arm and seed is probed on the same samples.
+
+Shape legend: B batch, C latent channels, P parameters of a flattened gradient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from shodh.config import RunConfig
+from shodh.data.loader import eval_batches
+from shodh.errors import ShodhError
+from shodh.study.stats import conflict_stats
+
+# Named groups of shared parameters by name fragment (embeddings by prefix); the rest shared is "other".
+GROUPS = {
+    "attention": (".attn.",),
+    "router": (".gate.wg.", ".coefficient."),
+    "shared_expert": (".moe.mlp.",),
+    "dense_ffn": (".ffn.fc",),
+}
+
+
+def group_of(name: str) -> str | None:
+    """The shared group of a parameter name, or None for a routed expert (not shared)."""
+    if ".deepspeed_experts." in name:
+        return None
+    if name.startswith(("embed.", "pos_")):
+        return "embedding"
+    return next((g for g, fragments in GROUPS.items() if any(f in name for f in fragments)), "other")
+
+
+def held_out_batches(cfg: RunConfig, root: Path, tokenizer_id: str, domains: list[str]) -> dict[str, list[dict]]:
+    """study.conflict_batches disjoint batches of study.conflict_batch val pairs per domain, the
+    first ones in manifest order: {domain: [{"z_in", "z_out": [B, C, 16, 16, 16], "domain": [B]}]}."""
+    n, b = cfg.study.conflict_batches, cfg.study.conflict_batch
+    pairs: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {k: [] for k in range(len(domains))}
+    for batch in eval_batches(cfg.data, root, tokenizer_id, "val", 16, 0, 1):
+        for z_in, z_out, k, ok in zip(batch["z_in"], batch["z_out"], batch["domain"].tolist(), batch["valid"].tolist()):
+            if ok and len(pairs[k]) < n * b:
+                pairs[k].append((z_in, z_out))
+    out = {}
+    for k, d in enumerate(domains):
+        if len(pairs[k]) < n * b:
+            raise ShodhError(f"study.conflict_batches x study.conflict_batch = {n} x {b} val pairs of '{d}' needed "
+                             f"for the gradient-conflict probe, the val split has {len(pairs[k])}; lower them")
+        out[d] = [{"z_in": torch.stack([p[0] for p in pairs[k][i * b:(i + 1) * b]]),
+                   "z_out": torch.stack([p[1] for p in pairs[k][i * b:(i + 1) * b]]),
+                   "domain": torch.full((b,), k, dtype=torch.int64)} for i in range(n)]
+    return out
+
+
+def shared_gradients(model: torch.nn.Module, batch: dict, aux_coef: float) -> dict[str, np.ndarray]:
+    """Flat float64 gradient [P] of the training objective on one batch, per shared group and "shared"
+    (all groups together). A group the loss does not reach (a fixed router's gate) is all zeros."""
+    from shodh.model.moe import no_token_dropping, router_inputs
+
+    named = [(n, p, group_of(n)) for n, p in model.named_parameters() if group_of(n) is not None]
+    model.eval()
+    with no_token_dropping(model):
+        pred, aux = model(batch["z_in"], **router_inputs(model.cfg.router, batch["domain"]))
+        loss = F.mse_loss(pred.float(), batch["z_out"]) + aux_coef * aux.float()
+    grads = torch.autograd.grad(loss, [p for _, p, _ in named], allow_unused=True)
+    by_group: dict[str, list[torch.Tensor]] = {}
+    for (_, p, group), g in zip(named, grads):
+        by_group.setdefault(group, []).append((torch.zeros_like(p) if g is None else g).detach().double().flatten())
+    out = {group: torch.cat(parts).numpy() for group, parts in by_group.items()}
+    out["shared"] = np.concatenate([out[g] for g in sorted(by_group)])
+    return out
+
+
+def conflict_at(model: torch.nn.Module, batches: dict[str, list[dict]], aux_coef: float) -> dict[str, dict[str, float]]:
+    """conflict_stats per shared group (and "shared") for one model: {group: {cross, normalized, ...}}."""
+    per_domain = {d: [shared_gradients(model, b, aux_coef) for b in bs] for d, bs in batches.items()}
+    groups = next(iter(per_domain.values()))[0].keys()
+    return {g: conflict_stats({d: [grads[g] for grads in per_domain[d]] for d in per_domain}) for g in groups}
+
+
+def run_conflict(cfg: RunConfig, root: Path, run_dir: Path, channels: int, batches: dict[str, list[dict]]) -> list[dict]:
+    """Gradient conflict at every checkpoint of a run, in step order: [{"step", "groups": {...}}]."""
+    from shodh.eval.evaluate import load_model
+    from shodh.model.transformer import LatentTransformer
+
+    ckpt_dir = run_dir / "checkpoints"
+    tags = sorted(p.name for p in ckpt_dir.glob("step-*") if (p / "meta.json").is_file())
+    out = []
+    for tag in tags:
+        loaded, step, _, _ = load_model(cfg, run_dir, channels, tag)
+        # A plain copy outside the DeepSpeed engine: no ZeRO gradient hooks, float32 on the CPU.
+        model = LatentTransformer(dataclasses.replace(cfg.model, ep_size=1), channels, seed=cfg.seed)
+        model.load_state_dict({k: v.float().cpu() for k, v in loaded.state_dict().items()})
+        out.append({"step": step, "groups": conflict_at(model, batches, cfg.model.aux_loss_coef)})
+    return out

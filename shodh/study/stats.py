@@ -1,0 +1,87 @@
+"""Pure statistics of the negative-transfer study: transfer ratios, paired bootstrap, gradient cosines.
+
+Shape legend: S seeds, N test samples (frame pairs of one domain, the same across arms), R
+bootstrap replicates, P parameters of a gradient vector.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def negative_transfer(err_arm_SN: np.ndarray, err_ref_SN: np.ndarray) -> float:
+    """NT = mean error of the arm / mean error of the reference − 1 over seeds and samples:
+    [S, N] x2 -> scalar. Positive: the arm is worse than its single-domain reference."""
+    _check_paired(err_arm_SN, err_ref_SN)
+    return float(err_arm_SN.mean() / err_ref_SN.mean() - 1.0)
+
+
+def paired_bootstrap_ci(err_arm_SN: np.ndarray, err_ref_SN: np.ndarray, replicates: int, level: float,
+                        seed: int = 0) -> tuple[float, float]:
+    """Percentile interval of NT under a two-level paired bootstrap: [S, N] x2 -> (lo, hi).
+
+    Each replicate resamples seeds, then test samples, with replacement, and takes the SAME
+    indices for both arms: the arms share seeds and test samples, so the pairing removes the
+    between-sample spread both see. An arm against itself gives NT = 0 in every replicate."""
+    _check_paired(err_arm_SN, err_ref_SN)
+    S, N = err_arm_SN.shape
+    rng = np.random.default_rng(seed)
+    seed_RS = rng.integers(0, S, size=(replicates, S))
+    sample_RN = rng.integers(0, N, size=(replicates, N))
+    arm_R = err_arm_SN[seed_RS[:, :, None], sample_RN[:, None, :]].mean(axis=(1, 2))
+    ref_R = err_ref_SN[seed_RS[:, :, None], sample_RN[:, None, :]].mean(axis=(1, 2))
+    nt_R = arm_R / ref_R - 1.0
+    alpha = (1.0 - level) / 2
+    lo, hi = np.quantile(nt_R, [alpha, 1.0 - alpha])
+    return float(lo), float(hi)
+
+
+def _check_paired(a_SN: np.ndarray, b_SN: np.ndarray) -> None:
+    if a_SN.shape != b_SN.shape or a_SN.ndim != 2 or a_SN.size == 0:
+        raise ValueError(f"paired errors need equal non-empty [S, N] shapes, got {a_SN.shape} and {b_SN.shape}")
+
+
+def cosine(a_P: np.ndarray, b_P: np.ndarray) -> float:
+    """cos(a, b) of two flat gradients [P] x2 -> scalar; NaN when either is zero (no gradient)."""
+    na, nb = float(np.linalg.norm(a_P)), float(np.linalg.norm(b_P))
+    if na == 0.0 or nb == 0.0:
+        return math.nan
+    return float(np.dot(a_P, b_P) / (na * nb))
+
+
+def conflict_stats(grads: dict[str, list[np.ndarray]]) -> dict[str, float]:
+    """Gradient conflict between domains from per-domain lists of held-out batch gradients [P].
+
+    cross: mean cosine over every pair of batches from two different domains; same_<d>: mean
+    cosine over pairs of distinct batches of domain d (the agreement batch noise allows);
+    normalized: cross / sqrt(same_a * same_b), averaged over domain pairs, so 1 means "as
+    aligned as two batches of one domain" and <= 0 means opposing (NaN if a same-domain cosine is
+    not positive); conflict_rate: the fraction of cross-domain pairs with cosine < 0."""
+    domains = sorted(grads)
+    same = {d: _mean([cosine(grads[d][i], grads[d][j]) for i in range(len(grads[d]))
+                      for j in range(i + 1, len(grads[d]))]) for d in domains}
+    cross_all: list[float] = []
+    normalized: list[float] = []
+    for i, a in enumerate(domains):
+        for b in domains[i + 1:]:
+            pair = [cosine(ga, gb) for ga in grads[a] for gb in grads[b]]
+            cross_all += pair
+            normalized.append(normalized_cosine(_mean(pair), same[a], same[b]))
+    finite = [c for c in cross_all if not math.isnan(c)]
+    return {"cross": _mean(cross_all), "normalized": _mean(normalized),
+            "conflict_rate": sum(c < 0 for c in finite) / len(finite) if finite else math.nan,
+            **{f"same_{d}": same[d] for d in domains}}
+
+
+def normalized_cosine(cross: float, same_a: float, same_b: float) -> float:
+    """Cross-domain cosine over the geometric mean of the two same-domain cosines (NaN unless both > 0)."""
+    if not (same_a > 0 and same_b > 0):
+        return math.nan
+    return cross / math.sqrt(same_a * same_b)
+
+
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else math.nan

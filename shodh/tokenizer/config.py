@@ -1,0 +1,50 @@
+"""`tokenizer.*` config section: architecture, training and encoding of the field tokenizer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from shodh.errors import check
+
+LATENT = 16  # latent grid side: every profile encodes to [C, 16, 16, 16]
+
+
+@dataclass
+class TokenizerConfig:
+    # architecture (part of the tokenizer's identity)
+    channels: int = 8  # C: latent channels per 16^3 voxel
+    width: int = 32  # conv width on the 16^3 grid
+    hidden: int = 64  # width of the per-patch MLPs that fold / unfold p^3 patches
+    blocks: int = 2  # residual 3^3 conv blocks in the encoder and in the decoder
+    operator: Literal["spectral", "staggered"] = "spectral"  # discrete curl/div pair (operators.py)
+    # training
+    steps: int = 300
+    batch: int = 2  # fields per process per step
+    lr: float = 2e-3
+    warmup: int = 20
+    eval_every: int = 0  # 0: evaluate only at the end
+    checkpoint_every: int = 100
+    shuffle_buffer: int = 16  # fields held for shuffling while streaming raw shards
+    eval_fields: int = 0  # held-out fields per domain and split evaluated; 0 = all
+    run_name: str = "tokenizer"  # run directory ROOT/runs/<experiment>/<run_name>/
+    # encoding
+    window: int = 4  # T: frames per latent sample; windows overlap by one frame
+    encode_batch: int = 4
+    # execution only (not part of the identity)
+    device: str = "cpu"
+    threads: int = 0  # torch intra-op threads; 0 = torch's default
+
+    def validate(self) -> None:
+        for name in ("channels", "width", "hidden", "steps", "batch", "checkpoint_every", "encode_batch"):
+            check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        for name in ("blocks", "warmup", "eval_every", "shuffle_buffer", "eval_fields", "threads"):
+            check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        check(self.window >= 2, "window", f"must be >= 2 (pretraining needs consecutive frames), got {self.window}")
+        check(bool(self.run_name.strip()) and "/" not in self.run_name, "run_name",
+              f"must be a non-empty name without '/', got {self.run_name!r}")
+
+    def architecture(self) -> dict:
+        return {"channels": self.channels, "width": self.width, "hidden": self.hidden, "blocks": self.blocks,
+                "operator": self.operator}

@@ -1,0 +1,164 @@
+"""`shodh encode`: raw field shards -> latent shards of trajectory windows, for pretraining.
+
+Layout: ROOT/latents/<tokenizer-id>/<split>/<domain>-<traj:06d>.tar, one shard per trajectory,
+one sample per window of T = tokenizer.window frames, key `<domain>_<traj:05d>_<t0:05d>`:
+`z.npy` float32 [T, C, 16, 16, 16] (raw encoder output, NOT normalized) and `meta.json`
+{domain, trajectory, t0, dt, tokenizer_id, split, frames}. Windows start every T-1 frames, so
+consecutive windows share one frame and every consecutive pair (t, t+1) lies in exactly one
+window; the last window may be shorter (>= 2 frames).
+
+manifest.json beside the split folders: tokenizer_id, channels, window, domains, shards
+[{path (relative to the manifest's folder), split, domain, trajectory, samples, sha256}],
+counts, stats {mean [C], std [C], per_domain {domain: {mean, std}}} over the train split's
+frames (each frame once). Every finished trajectory leaves parts/<domain>-<traj>.json; a rerun
+skips trajectories whose part record matches both the raw shard's and the latent shard's
+sha256, so encoding resumes after a crash. Shards are split round-robin over ranks; rank 0
+merges the manifest once all ranks are done.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+from tqdm import tqdm
+
+from shodh.data.loader import latent_dir
+from shodh.data.shards import AtomicShardWriter, iter_shard, read_json, sha256_file, write_json_atomic
+from shodh.distributed import DistInfo
+from shodh.errors import DataError
+from shodh.tokenizer.data import frame, load_raw_manifest
+from shodh.tokenizer.model import Tokenizer, load_tokenizer
+from shodh.tokenizer.train import init_process_group, resolve_device
+
+log = logging.getLogger(__name__)
+MANIFEST_FORMAT = "shodh-latents-1"
+SPLITS = ("train", "val", "test")
+
+
+def windows(frames: int, window: int) -> list[tuple[int, int]]:
+    """[t0, t1) frame ranges: length `window`, stride window-1, last one possibly shorter (>= 2)."""
+    out, t0 = [], 0
+    while t0 < frames - 1:
+        out.append((t0, min(t0 + window, frames)))
+        t0 += window - 1
+    return out
+
+
+def _name(record: dict) -> str:
+    return f"{record['domain']}-{record['trajectory']:06d}"
+
+
+def is_done(out: Path, record: dict, window: int) -> bool:
+    part = out / "parts" / f"{_name(record)}.json"
+    shard = out / record["split"] / f"{_name(record)}.tar"
+    if not (part.exists() and shard.exists()):
+        return False
+    done = read_json(part, "latent trajectory record")
+    return (done.get("raw_sha256") == record["sha256"] and done.get("window") == window
+            and done.get("sha256") == sha256_file(shard))
+
+
+@torch.no_grad()
+def encode_trajectory(tok: Tokenizer, record: dict, raw_file: Path, out: Path, window: int, batch: int,
+                      bar: tqdm | None) -> dict:
+    """Encode one raw trajectory shard into its latent shard; returns its part record."""
+    u_list, masks, metas = [], [], []
+    for sample in iter_shard(raw_file):
+        u, mask, meta = frame(sample, str(raw_file))
+        if u.shape[-1] != tok.grid:
+            raise DataError(f"{raw_file}: sample '{sample['__key__']}' has grid {u.shape[-1]}, tokenizer {tok.id} expects {tok.grid}")
+        u_list.append(u), masks.append(mask), metas.append(meta)
+    if len(u_list) < 2:
+        raise DataError(f"{raw_file}: {len(u_list)} frame(s); encoding windows needs at least 2")
+    z_chunks = []
+    for i in range(0, len(u_list), batch):
+        u_t = torch.from_numpy(np.stack(u_list[i : i + batch]))
+        m_t = torch.from_numpy(np.stack(masks[i : i + batch]).astype(np.float32))
+        z_chunks.append(tok.encode(u_t, m_t, record["domain"]).float().cpu())
+        if bar is not None:
+            bar.update(len(u_t))
+    z_TCxyz = torch.cat(z_chunks).numpy()
+    shard = out / record["split"] / f"{_name(record)}.tar"
+    with AtomicShardWriter(shard) as writer:
+        for t0, t1 in windows(len(z_TCxyz), window):
+            meta = {"domain": record["domain"], "trajectory": record["trajectory"], "t0": t0, "frames": t1 - t0,
+                    "dt": metas[t0].get("dt"), "t": metas[t0].get("t"), "tokenizer_id": tok.id, "split": record["split"]}
+            writer.write(f"{record['domain']}_{record['trajectory']:05d}_{t0:05d}", {"z.npy": z_TCxyz[t0:t1], "meta.json": meta})
+    z64 = z_TCxyz.astype(np.float64)
+    part = {"path": str(shard.relative_to(out)), "split": record["split"], "domain": record["domain"],
+            "trajectory": record["trajectory"], "samples": writer.count, "sha256": writer.sha256,
+            "frames": len(z_TCxyz), "window": window, "raw_sha256": record["sha256"], "tokenizer_id": tok.id,
+            "sum": z64.sum(axis=(0, 2, 3, 4)).tolist(), "sumsq": (z64**2).sum(axis=(0, 2, 3, 4)).tolist(),
+            "voxels": int(z64[:, 0].size)}
+    write_json_atomic(out / "parts" / f"{_name(record)}.json", part)
+    return part
+
+
+def _moments(parts: list[dict]) -> dict:
+    n = sum(p["voxels"] for p in parts)
+    mean = np.sum([p["sum"] for p in parts], axis=0) / n
+    var = np.sum([p["sumsq"] for p in parts], axis=0) / n - mean**2
+    return {"mean": mean.tolist(), "std": np.sqrt(np.maximum(var, 0)).tolist(), "voxels": n}
+
+
+def merge_manifest(out: Path, tok: Tokenizer, raw_manifest: dict, window: int) -> dict:
+    """Collect every trajectory's part record into manifest.json (train-split latent stats)."""
+    parts, missing = [], []
+    for record in raw_manifest["shards"]:
+        path = out / "parts" / f"{_name(record)}.json"
+        if not path.exists():
+            missing.append(_name(record))
+            continue
+        parts.append(read_json(path, "latent trajectory record"))
+    if missing:
+        raise DataError(f"{out}: cannot write the manifest, trajectories not encoded: {', '.join(missing[:8])}")
+    train = [p for p in parts if p["split"] == "train"]
+    domains = list(raw_manifest["domains"])
+    stats = {**_moments(train), "split": "train",
+             "per_domain": {d: _moments([p for p in train if p["domain"] == d]) for d in domains
+                            if any(p["domain"] == d for p in train)}}
+    counts = {s: {d: {"trajectories": 0, "samples": 0, "frames": 0} for d in domains} for s in SPLITS}
+    for p in parts:
+        c = counts[p["split"]][p["domain"]]
+        c["trajectories"] += 1
+        c["samples"] += p["samples"]
+        c["frames"] += p["frames"]
+    keep = ("path", "split", "domain", "trajectory", "samples", "frames", "sha256")
+    manifest = {"format": MANIFEST_FORMAT, "tokenizer_id": tok.id, "channels": tok.channels, "window": window,
+                "latent_shape": [tok.channels, 16, 16, 16], "grid": tok.grid, "domains": domains,
+                "raw_config_sha": raw_manifest.get("config_sha"), "normalized": False,
+                "shards": [{k: p[k] for k in keep} for p in parts], "counts": counts, "stats": stats}
+    write_json_atomic(out / "manifest.json", manifest)
+    return manifest
+
+
+def encode(cfg, root: Path, info: DistInfo) -> dict | None:
+    """Encode this rank's share of raw trajectories; rank 0 returns the merged manifest."""
+    tcfg = cfg.tokenizer
+    device = resolve_device(tcfg, info)
+    init_process_group(info, device)
+    raw_manifest = load_raw_manifest(root, cfg.sim.grid)
+    tok = load_tokenizer(root, device)
+    if tok.grid != raw_manifest["grid"]:
+        raise DataError(f"{Path(root) / 'tokenizer' / 'tokenizer.json'}: tokenizer {tok.id} has grid {tok.grid}, "
+                        f"raw data has {raw_manifest['grid']}; retrain with `shodh train-tokenizer`")
+    out = latent_dir(root, tok.id)
+    mine = raw_manifest["shards"][info.rank :: info.world_size]
+    todo = [r for r in mine if not is_done(out, r, tcfg.window)]
+    if len(todo) < len(mine):
+        log.info("resuming: %d of %d trajectories already encoded", len(mine) - len(todo), len(mine))
+    t0 = time.perf_counter()
+    total = sum(r["samples"] for r in todo)
+    with tqdm(total=total, desc=f"encode {tok.id}", unit="frame", disable=not info.is_main) as bar:
+        for record in todo:
+            bar.set_postfix_str(f"{record['split']}/{_name(record)}")
+            encode_trajectory(tok, record, Path(root) / "raw" / record["path"], out, tcfg.window, tcfg.encode_batch, bar)
+    log.info("rank %d encoded %d trajectories (%d frames) in %.1f s", info.rank, len(todo), total, time.perf_counter() - t0)
+    if info.distributed:
+        torch_dist.barrier()
+    return merge_manifest(out, tok, raw_manifest, tcfg.window) if info.is_main else None

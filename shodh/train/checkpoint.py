@@ -1,0 +1,109 @@
+"""Checkpoints: DeepSpeed's engine files plus the per-rank state DeepSpeed does not keep.
+
+Layout of `RUN_DIR/checkpoints/`:
+- `step-000100/`: DeepSpeed's `save_checkpoint` output (model, per-expert and ZeRO optimizer
+  files; its client state holds {step, config}), plus ours: `rank-00000.pt` per rank (loader
+  state and RNG states; plain tensors and ints, loaded with `weights_only=True`) and `meta.json`
+  (step and parallel layout, read before DeepSpeed touches anything).
+- `latest`: the tag, rewritten atomically by rank 0 only after every rank finished writing,
+  so a crash mid-save leaves the previous checkpoint as `latest`.
+DeepSpeed's own loader unpickles its files (`torch.load(weights_only=False)`): only resume
+from checkpoints you wrote.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from shodh.data.shards import read_json, write_json_atomic
+from shodh.errors import ShodhError
+
+LATEST = "latest"
+
+
+def tag_for(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+@dataclass
+class Resumed:
+    step: int
+    loader_state: dict | None  # None for a weights-only resume: the data stream starts afresh
+    full: bool
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(engine, ckpt_dir: Path, step: int, rank: int, layout: dict, loader_state: dict, config: dict) -> str:
+    """Write a complete checkpoint for `step` on every rank; move `latest` to it last."""
+    tag = tag_for(step)
+    folder = ckpt_dir / tag
+    folder.mkdir(parents=True, exist_ok=True)
+    mine = folder / f"rank-{rank:05d}.pt"
+    tmp = mine.with_name(mine.name + ".tmp")
+    torch.save({"loader": loader_state, "rng": rng_state()}, tmp)
+    os.replace(tmp, mine)
+    if rank == 0:
+        write_json_atomic(folder / "meta.json", {"step": step, **layout})
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, "config": config},
+                           save_latest=False)
+    dist.barrier()  # every rank's files are on disk before `latest` points at them
+    if rank == 0:
+        tmp_latest = ckpt_dir / (LATEST + ".tmp")
+        tmp_latest.write_text(tag)
+        os.replace(tmp_latest, ckpt_dir / LATEST)
+    dist.barrier()
+    return tag
+
+
+def latest_tag(ckpt_dir: Path) -> str | None:
+    path = ckpt_dir / LATEST
+    return path.read_text().strip() if path.is_file() else None
+
+
+def inspect(ckpt_dir: Path, layout: dict, mode: str) -> tuple[str, int] | None:
+    """(tag, step) of `latest`, or None. Checked before anything is built: mode "auto" restores
+    everything and needs the same layout; "weights" takes the model weights to any layout."""
+    tag = latest_tag(ckpt_dir)
+    if tag is None:
+        return None
+    meta = read_json(ckpt_dir / tag / "meta.json", "checkpoint meta")
+    saved = {k: meta.get(k) for k in layout}
+    if mode == "auto" and saved != layout:
+        raise ShodhError(
+            f"{ckpt_dir / tag}: written with {saved}, this run has {layout}. DeepSpeed cannot restore "
+            f"ZeRO optimizer state (nor our per-rank data streams) across world sizes or expert-parallel "
+            f"layouts. Rerun with the original layout, or with train.resume=weights to load only the model "
+            f"weights (experts are stored per global index, so any ep_size works) and restart the "
+            f"optimizer moments and the data stream at step {meta['step']}."
+        )
+    return tag, int(meta["step"])
+
+
+def restore(engine, ckpt_dir: Path, tag: str, rank: int, mode: str) -> Resumed:
+    if mode == "weights":
+        engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_only=True, load_optimizer_states=False,
+                               load_lr_scheduler_states=False)
+        return Resumed(step=int(read_json(ckpt_dir / tag / "meta.json")["step"]), loader_state=None, full=False)
+    path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    if path is None:
+        raise ShodhError(f"{ckpt_dir / tag}: DeepSpeed could not load this checkpoint")
+    mine = torch.load(ckpt_dir / tag / f"rank-{rank:05d}.pt", weights_only=True)
+    set_rng_state(mine["rng"])
+    return Resumed(step=int(client["step"]), loader_state=mine["loader"], full=True)

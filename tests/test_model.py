@@ -1,0 +1,118 @@
+"""Latent transformer and MoE layer, in-process (no process group needed for ep_size=1)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from shodh.config import from_dict
+from shodh.distributed import DistInfo
+from shodh.errors import ConfigError
+from shodh.model.config import ModelConfig
+from shodh.model.moe import MoEFFN, RoutingTelemetry, no_token_dropping, normalized_mi
+from shodh.model.transformer import LatentTransformer, count_params, forward_flops_per_token
+from shodh.train.config import TrainConfig
+from shodh.train.engine import check_layout
+
+C = 4
+SMALL = ModelConfig(patch=4, dim=32, depth=2, heads=2, expert_dim=48, num_experts=4, moe_every=1,
+                    capacity_factor=1.0, min_capacity=0)
+
+
+def model(cfg: ModelConfig, **kw) -> LatentTransformer:
+    torch.manual_seed(0)
+    return LatentTransformer(cfg, C, **kw)
+
+
+def experts(m: LatentTransformer, block: int) -> list:
+    return list(m.blocks[block].ffn.moe.deepspeed_moe.experts.deepspeed_experts)
+
+
+def test_dense_active_matches_moe_active_params_and_flops():
+    moe, dense = model(SMALL), model(dataclasses.replace(SMALL, kind="dense_active"))
+    total = model(dataclasses.replace(SMALL, kind="dense_total"))
+    p_moe, p_dense, p_total = count_params(moe), count_params(dense), count_params(total)
+    # Identical except for the router (gate + residual-MoE coefficient): D*E + 2D + 2 per MoE layer.
+    router = SMALL.depth * (SMALL.dim * SMALL.num_experts + 2 * SMALL.dim + 2)
+    assert p_moe["router"] == router
+    assert p_dense["total"] == p_moe["active"] - router
+    assert p_total["total"] == p_moe["total"] - router
+    assert p_moe["total"] > p_moe["active"]
+
+    # Measured matmul FLOPs of one forward at capacity 1.0 (S divisible by E: no padding slots).
+    z = torch.randn(2, C, 16, 16, 16)
+    flops = {}
+    for name, m in (("moe", moe), ("dense", dense)):
+        with FlopCounterMode(display=False) as counter:
+            m(z)
+        flops[name] = counter.get_total_flops()
+    tokens = 2 * SMALL.tokens
+    router_flops_per_token = SMALL.depth * 2 * SMALL.dim * (SMALL.num_experts + 2)
+    assert flops["moe"] - flops["dense"] == tokens * router_flops_per_token
+    analytic = forward_flops_per_token(SMALL, C) - forward_flops_per_token(dataclasses.replace(SMALL, kind="dense_active"), C)
+    assert analytic == router_flops_per_token
+
+
+def test_experts_are_independent_and_layout_invariant():
+    full = model(SMALL)
+    weights = [e.fc1.weight for e in experts(full, 0)]
+    assert all(not torch.equal(weights[i], weights[j]) for i in range(4) for j in range(i + 1, 4))
+    # The ep rank holding global experts 2 and 3 must build exactly those experts.
+    half = model(dataclasses.replace(SMALL, ep_size=2), expert_offset=2)
+    for local, glob in ((0, 2), (1, 3)):
+        assert torch.equal(experts(half, 1)[local].fc2.weight, experts(full, 1)[glob].fc2.weight)
+
+
+def test_forward_is_residual_and_shape_preserving():
+    m = model(SMALL)
+    with torch.no_grad():
+        m.head.weight.zero_()
+        m.head.bias.zero_()
+    z = torch.randn(3, C, 16, 16, 16)
+    out, aux = m(z)
+    assert out.shape == z.shape and torch.equal(out, z)  # Δ = 0 -> z_{t+1} = z_t exactly
+    assert aux.ndim == 0 and aux.item() >= 1.0 * SMALL.depth - 1e-6  # Switch loss >= 1 per layer
+
+
+def test_telemetry_fractions_and_no_drop_evaluation():
+    m = model(dataclasses.replace(SMALL, capacity_factor=0.25))
+    tel = RoutingTelemetry(m, ["channel", "porous"], SMALL.num_experts)
+    z, domain = torch.randn(4, C, 16, 16, 16), torch.tensor([0, 1, 1, 0])
+    with tel.labels(domain):
+        m(z)
+    assert tel.counts_KLE.sum().item() == 4 * SMALL.tokens * SMALL.depth  # every token, every MoE layer
+    metrics = tel.metrics()
+    for layer in range(SMALL.depth):
+        for d in ("channel", "porous"):
+            total = sum(metrics[f"route/{d}/layer{layer}/expert{e}"] for e in range(SMALL.num_experts))
+            assert total == pytest.approx(1.0)
+        assert metrics[f"route/layer{layer}/drop_rate"] >= 0.5  # capacity 0.25: at most a quarter kept
+        assert 0 <= metrics[f"route/layer{layer}/entropy"] <= 1
+    tel.reset()
+    m.eval()
+    with tel.labels(domain), torch.no_grad(), no_token_dropping(m):
+        m(z)
+    assert tel.dropped_L.sum().item() == 0
+    assert all(layer.gate.drop_tokens for layer in m.modules() if isinstance(layer, MoEFFN))  # restored
+    tel.close()
+
+
+def test_normalized_mutual_information():
+    assert normalized_mi(torch.tensor([[10.0, 0.0], [0.0, 10.0]])) == pytest.approx(1.0)
+    assert normalized_mi(torch.tensor([[5.0, 5.0], [5.0, 5.0]])) == pytest.approx(0.0)
+    assert normalized_mi(torch.tensor([[3.0, 7.0]])) == 0.0
+
+
+def test_layout_is_validated_before_anything_is_built():
+    with pytest.raises(ConfigError, match="model.ep_size"):
+        from_dict(ModelConfig, {"num_experts": 4, "ep_size": 3}, "model")
+    cfg = dataclasses.replace(SMALL, ep_size=2)
+    with pytest.raises(ConfigError, match="model.ep_size: must divide the world size 3"):
+        check_layout(cfg, TrainConfig(), DistInfo(rank=0, world_size=3))
+    with pytest.raises(ConfigError, match="train.global_batch"):
+        check_layout(cfg, TrainConfig(micro_batch=2, global_batch=6), DistInfo(rank=0, world_size=2))
+    layout = check_layout(cfg, TrainConfig(micro_batch=2, grad_accum=3), DistInfo(rank=3, world_size=4))
+    assert layout.global_batch == 24 and layout.ep_rank == 1

@@ -1,0 +1,180 @@
+"""Pretraining end to end on CPU: real DeepSpeed, real launcher, gloo, tiny synthetic latents."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from latent_fixture import make_latents
+from shodh.tracking import Tracker, TrackingConfig
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SMOKE = ["--profile", "smoke"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env() -> dict:
+    e = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO / "tests"))
+    # DeepSpeed JIT-builds its CPU shared-memory comm op on first use (~2 min): keep it cached.
+    e.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "shodh" / "torch_extensions"))
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "MLFLOW_TRACKING_URI"):
+        e.pop(name, None)
+    return e
+
+
+def command(nproc: int, target: list[str]) -> list[str]:
+    """`python -m shodh.pretrain` for one process, else the real deepspeed launcher with nproc ranks."""
+    if nproc == 1:
+        return [sys.executable, *target]
+    return [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()), *target]
+
+
+def pretrain(root: Path, nproc: int, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    target = ["-m" if nproc == 1 else "--module", "shodh.pretrain", *SMOKE, "--root", str(root), *args]
+    proc = subprocess.run(command(nproc, target), env=env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {m["step"]: m["train/loss"] for m in metrics(run_dir) if "train/loss" in m}
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("work")
+    make_latents(root)
+    return root
+
+
+def test_two_ranks_expert_parallel_zero2_then_weights_only_resume(root):
+    proc = pretrain(root, 2, "--run-name", "ep2", "model.ep_size=2")
+    run = root / "runs" / "shodh" / "ep2"
+    assert "dist_world_size=2" in proc.stdout + proc.stderr
+    assert json.loads((run / "ds_config.json").read_text())["train_batch_size"] == 2 * 2  # micro 2 x 2 ranks
+    assert json.loads((run / "ds_config.json").read_text())["zero_optimization"]["stage"] == 2
+    steps = losses(run)
+    assert sorted(steps) == list(range(1, 7)) and all(math.isfinite(v) for v in steps.values())
+    ckpt = run / "checkpoints"
+    assert (ckpt / "latest").read_text() == "step-000006"
+    assert {p.name for p in (ckpt / "step-000006").glob("rank-*.pt")} == {"rank-00000.pt", "rank-00001.pt"}
+    assert json.loads((ckpt / "step-000006" / "meta.json").read_text())["ep_size"] == 2
+
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    mlrun = client.get_run((run / "mlflow_run_id").read_text().strip())
+    keys = set(mlrun.data.metrics)
+    assert {"val/channel/latent_mse", "val/porous/latent_mse", "route/layer0/domain_mi"} <= keys
+    assert any(k.startswith("route/porous/layer1/expert") for k in keys)
+    assert mlrun.data.tags["model"] == "moe" and mlrun.data.tags["tokenizer_id"] == "test-tokenizer-0001"
+    assert mlrun.info.status == "FINISHED"
+    routed = [m for m in metrics(run) if "route/layer0/entropy" in m]
+    assert routed
+    for m in routed:
+        for domain in ("channel", "porous"):
+            for layer in (0, 1):
+                assert sum(m[f"route/{domain}/layer{layer}/expert{e}"] for e in range(4)) == pytest.approx(1.0)
+
+    # Another layout cannot restore ZeRO/EP state: a clear error first, then the weights-only option.
+    refused = pretrain(root, 1, "--run-name", "ep2", check=False)
+    assert refused.returncode == 2 and "train.resume=weights" in refused.stderr
+    resumed = pretrain(root, 1, "--run-name", "ep2", "train.resume=weights", "train.max_steps=8")
+    assert "resumed weights only at step 6" in resumed.stderr
+    after = losses(run)
+    assert sorted(after) == list(range(1, 9)) and math.isfinite(after[8])
+    assert after[7] < 1.5 * max(steps.values())  # continued from trained weights, not diverged
+
+
+def test_gradients_equal_across_layouts(tmp_path):
+    """Reference: 1 process, plain autograd over two micro batches. DeepSpeed ZeRO-2 with
+    2 ranks x 1 micro batch, expert-parallel size 1 and 2: same loss, same full gradients."""
+    results = {}
+    for label, nproc, ep in (("ref", 1, 1), ("dp2_ep1", 2, 1), ("dp2_ep2", 2, 2)):
+        out = tmp_path / label
+        cmd = command(nproc, [str(REPO / "tests" / "grad_probe.py"), str(ep), str(out)])
+        proc = subprocess.run(cmd, env=env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        results[label] = [torch.load(p, weights_only=True) for p in sorted(out.glob("rank-*.pt"))]
+    (ref,) = results["ref"]
+    assert all(g.abs().sum() > 0 for g in ref["grads"].values())
+    for label in ("dp2_ep1", "dp2_ep2"):
+        ranks = results[label]
+        assert len(ranks) == 2
+        for r in ranks:
+            assert r["loss"] == pytest.approx(ref["loss"], rel=1e-6, abs=0)
+        for name, g_ref in ref["grads"].items():
+            held = [r["grads"][name] for r in ranks if name in r["grads"]]
+            assert held, f"{label}: no rank holds {name}"
+            for g in held:
+                torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-7, msg=f"{label}: {name}")
+    # With ep=2 each rank holds half of the experts: rank 1 has global experts 2 and 3.
+    assert "blocks.0.ffn.moe.deepspeed_moe.experts.deepspeed_experts.3.fc1.weight" in results["dp2_ep2"][1]["grads"]
+    assert "blocks.0.ffn.moe.deepspeed_moe.experts.deepspeed_experts.0.fc1.weight" not in results["dp2_ep2"][1]["grads"]
+
+
+def test_kill_9_then_resume_matches_uninterrupted(root):
+    args = ["train.max_steps=10", "train.ckpt_every=2", "train.val_every=100", "train.route_every=100"]
+    pretrain(root, 1, "--run-name", "reference", *args)
+    run = root / "runs" / "shodh" / "killed"
+    target = ["-m", "shodh.pretrain", *SMOKE, "--root", str(root), "--run-name", "killed", *args]
+    proc = subprocess.Popen(command(1, target), env=env(), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        while not (run / "checkpoints" / "latest").exists() and proc.poll() is None:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = int((run / "checkpoints" / "latest").read_text().removeprefix("step-"))
+    resumed = pretrain(root, 1, "--run-name", "killed", *args)
+    assert f"resumed fully at step {killed_at}" in resumed.stderr
+    ref, got = losses(root / "runs" / "shodh" / "reference"), losses(run)
+    assert sorted(got) == list(range(1, 11))  # each step once: lines after the checkpoint were dropped
+    for step in range(1, 11):
+        assert got[step] == pytest.approx(ref[step], abs=1e-6), step
+
+
+def test_non_finite_steps_are_skipped_then_stop(tmp_path):
+    make_latents(tmp_path, nan=True)
+    proc = pretrain(tmp_path, 1, "train.max_bad_steps=2", "tracking.mlflow=false", check=False)
+    assert proc.returncode == 2 and "2 consecutive non-finite steps" in proc.stderr
+    assert "Last good checkpoint: none" in proc.stderr
+    run = tmp_path / "runs" / "shodh" / "smoke-moe"
+    assert [m["train/skipped_steps"] for m in metrics(run) if "train/skipped_steps" in m][-1] == 2
+    assert not (run / "checkpoints" / "latest").exists()
+
+
+def test_tracker_survives_unreachable_mlflow(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    cfg = TrackingConfig(uri="http://127.0.0.1:9")  # discard port: connection refused
+    tracker = Tracker(cfg, tmp_path, tmp_path / "run", "offline", params={"a": 1}, tags={"model": "moe"})
+    for step in range(3):
+        tracker.log_metrics({"train/loss": 1.0 / (step + 1)}, step)
+    tracker.set_tags({"x": "y"})
+    tracker.close()
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [0, 1, 2] and lines[2]["train/loss"] == pytest.approx(1 / 3)

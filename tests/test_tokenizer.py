@@ -1,0 +1,313 @@
+"""Divergence-free tokenizer: operators, decoder structure, train -> encode -> decode, CLI errors.
+
+One tiny 32^3 raw dataset is simulated once per session (short spin-up; the tokenizer does not
+care whether the channel is fully turbulent) and copied where a test modifies it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from shodh import cli
+from shodh.config import load_config
+from shodh.data.shards import iter_shard, read_json, sha256_file
+from shodh.errors import ConfigError
+from shodh.physics import simulate
+from shodh.tokenizer import load_tokenizer, operators
+from shodh.tokenizer.encode import windows
+from shodh.tokenizer.model import Normalization, TokenizerNet, build_net, velocity
+from shodh.eval.metrics import vrmse_BC
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SMOKE = ["--profile", "smoke"]
+# Short and single-threaded: the test machine is small and shared.
+FAST = ["tracking.mlflow=false", "tokenizer.steps=100", "tokenizer.threads=1", "tokenizer.warmup=5"]
+
+
+def _sim_overrides() -> list[str]:
+    return ["sim.trajectories.train=2", "sim.trajectories.val=1", "sim.trajectories.test=1", "sim.frames=3",
+            "sim.channel.spinup_time=1.0", "sim.channel.decorrelation_time=0.5", "sim.porous.spinup_time=1.0",
+            "sim.threads=1"]
+
+
+@pytest.fixture(scope="session")
+def raw_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tok") / "ws"
+    cfg = load_config("smoke", _sim_overrides())
+    simulate.run(cfg.sim, cfg.seed, root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_root(raw_root, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tok") / "trained"
+    shutil.copytree(raw_root, root)
+    assert cli.main(["train-tokenizer", *SMOKE, "--root", str(root), *_sim_overrides(), *FAST]) == 0
+    assert cli.main(["encode", *SMOKE, "--root", str(root), *_sim_overrides(), *FAST]) == 0
+    return root
+
+
+# ---------------------------------------------------------------- operators
+
+
+@pytest.mark.parametrize("operator", operators.OPERATORS)
+@pytest.mark.parametrize("n", [32, 64])
+def test_curl_of_random_potential_is_divergence_free(operator, n):
+    a = torch.randn(2, 3, n, n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    u = operators.curl(a, operator)
+    stats = operators.divergence_stats(u, operator)
+    assert stats["grad_rms"] > 1.0  # a real, non-trivial field
+    assert stats["rel_max"] <= 1e-12 and stats["rel_rms"] <= 1e-13
+
+
+def test_operators_match_analytic_derivatives():
+    n = 32
+    x = torch.arange(n, dtype=torch.float64) * (2 * math.pi / n)
+    X, Y, Z = torch.meshgrid(x, x, x, indexing="ij")
+    a = torch.stack([torch.zeros_like(X), torch.zeros_like(X), torch.sin(2 * X) * torch.cos(Y)])
+    # curl (0, 0, f) = (df/dy, -df/dx, 0)
+    exact = torch.stack([-torch.sin(2 * X) * torch.sin(Y), -2 * torch.cos(2 * X) * torch.cos(Y), torch.zeros_like(X)])
+    assert torch.allclose(operators.curl(a, "spectral"), exact, atol=1e-12)
+    # forward differences: first order, error ~ k^2 dx / 2
+    err = (operators.curl(a, "staggered") - exact).abs().max()
+    assert 1e-3 < err < 0.5
+    u_div = torch.stack([torch.sin(X), torch.zeros_like(X), torch.zeros_like(X)])
+    assert torch.allclose(operators.divergence(u_div, "spectral"), torch.cos(X), atol=1e-12)
+
+
+# ---------------------------------------------------------------- decoder structure
+
+
+@pytest.mark.parametrize("operator", operators.OPERATORS)
+def test_decoder_output_for_random_latents_is_divergence_free(operator):
+    torch.manual_seed(0)
+    net = TokenizerNet(32, channels=4, width=8, hidden=16, blocks=1)
+    mask = torch.zeros(2, 32, 32, 32)
+    mask[:, :, :, :4] = 1
+    with torch.no_grad():
+        w = net.decode(torch.randn(2, 4, 16, 16, 16), mask)
+    u = velocity(w.double(), operator)
+    assert u.dtype == torch.float64
+    stats = operators.divergence_stats(u, operator)
+    assert stats["grad_rms"] > 0 and stats["rel_max"] <= 1e-12
+
+
+def test_constant_mean_flow_is_representable():
+    """A decoder output that is constant decodes to exactly that uniform flow, in physical units."""
+    torch.manual_seed(0)
+    net = TokenizerNet(32, channels=4, width=8, hidden=16, blocks=1)
+    target = torch.tensor([0.7, -0.2, 0.05])
+    with torch.no_grad():
+        net.dec_out[-1].weight.zero_()
+        net.dec_out[-1].bias.copy_(target.repeat_interleave(net.p**3))  # unfold order is (c p q r)
+        w = net.decode(torch.randn(1, 4, 16, 16, 16), torch.zeros(1, 32, 32, 32))
+    norm = Normalization.from_raw_stats({"channel": {"mean": [1.0, 0.0, 0.0], "std": [0.3, 0.1, 0.1]}})
+    u = norm.denormalize(velocity(w.double(), "spectral"), "channel")
+    expected = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64) + norm.scale["channel"] * target.double()
+    assert torch.allclose(u, expected.view(1, 3, 1, 1, 1).expand_as(u), atol=1e-7)
+    # the curl part never carries a mean: the field mean is the mean-flow term alone
+    w_rand = torch.randn(1, 3, 32, 32, 32, dtype=torch.float64) + target.double().view(1, 3, 1, 1, 1)
+    for operator in operators.OPERATORS:
+        assert torch.allclose(velocity(w_rand, operator).mean(dim=(-3, -2, -1)), w_rand.mean(dim=(-3, -2, -1)), atol=1e-12)
+    # spectrally, mean + curl(Biot–Savart(w)) is the Leray projection of w: a solenoidal w comes back unchanged
+    w_solenoidal = operators.curl(torch.randn(1, 3, 32, 32, 32, dtype=torch.float64), "spectral") + 0.3
+    assert torch.allclose(velocity(w_solenoidal, "spectral"), w_solenoidal, atol=1e-10)
+
+
+def test_windows_cover_every_consecutive_pair_once():
+    for frames in range(2, 12):
+        for window in (2, 3, 4):
+            spans = windows(frames, window)
+            pairs = [(t, t + 1) for t0, t1 in spans for t in range(t0, t1 - 1)]
+            assert sorted(pairs) == [(t, t + 1) for t in range(frames - 1)]
+            assert all(2 <= t1 - t0 <= window for t0, t1 in spans)
+    assert windows(8, 4) == [(0, 4), (3, 7), (6, 8)]
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ConfigError, match=r"tokenizer\.window"):
+        load_config("smoke", ["tokenizer.window=1"])
+    with pytest.raises(ConfigError, match=r"tokenizer\.operator"):
+        load_config("smoke", ["tokenizer.operator=finite"])
+
+
+# ---------------------------------------------------------------- train -> encode -> decode
+
+
+def _initial_net(root: Path) -> TokenizerNet:
+    cfg = load_config("smoke", [*_sim_overrides(), *FAST])
+    torch.manual_seed(cfg.seed)  # train.py seeds the same way before building the network
+    return build_net(cfg.tokenizer.architecture(), 32)
+
+
+def _val_frames(root: Path):
+    manifest = read_json(root / "raw" / "manifest.json")
+    for shard in manifest["shards"]:
+        if shard["split"] == "val":
+            for sample in iter_shard(root / "raw" / shard["path"]):
+                yield shard["domain"], sample
+
+
+def test_training_lowers_reconstruction_error(trained_root):
+    tok = load_tokenizer(trained_root)
+    initial = _initial_net(trained_root)
+    errors = {"initial": [], "trained": []}
+    for domain, sample in _val_frames(trained_root):
+        u = torch.from_numpy(sample["u.npy"])[None]
+        mask = torch.from_numpy(sample["mask.npy"].astype(np.float32))[None]
+        decoded = tok.decode(tok.encode(u, mask, domain), mask, domain)
+        assert decoded.dtype == torch.float64 and decoded.shape == (1, 3, 32, 32, 32)
+        assert operators.divergence_stats(decoded, tok.operator)["rel_max"] <= 1e-12
+        errors["trained"].append(float(vrmse_BC(decoded, u.double()).mean()))
+        with torch.no_grad():
+            w = initial.decode(initial.encode(tok.norm.normalize(u, domain), mask), mask)
+        start = tok.norm.denormalize(velocity(w.double(), tok.operator), domain)
+        errors["initial"].append(float(vrmse_BC(start, u.double()).mean()))
+    assert np.mean(errors["trained"]) < 0.8 * np.mean(errors["initial"]), errors
+    info = read_json(trained_root / "tokenizer" / "tokenizer.json")
+    assert info["loss"]["last_loss"] < info["loss"]["first_loss"]
+    logged = [json.loads(line) for line in (trained_root / "runs" / "shodh" / "tokenizer" / "metrics.jsonl").read_text().splitlines()]
+    final = logged[-1]
+    for domain in ("channel", "porous"):
+        assert f"val/{domain}/vrmse" in final and f"val/{domain}/mse" in final
+    assert final["audit/rel_max"] <= 1e-12
+    assert (trained_root / "runs" / "shodh" / "tokenizer" / "plots" / "tokenizer_slices.png").stat().st_size > 1000
+
+
+def test_checkpoint_loads_with_weights_only_and_id_is_its_sha(trained_root):
+    folder = trained_root / "tokenizer"
+    state = torch.load(folder / "tokenizer.pt", weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    info = read_json(folder / "tokenizer.json")
+    assert info["sha256"] == sha256_file(folder / "tokenizer.pt") and info["id"] == info["sha256"][:16]
+    torch.load(folder / "checkpoint.pt", weights_only=True)  # resumable state is pickle-free too
+    assert {"mean", "scale", "std"} <= set(info["normalization"]["porous"])
+
+
+def test_latent_shards_carry_the_tokenizer_id_and_decode_back(trained_root):
+    tok = load_tokenizer(trained_root)
+    out = trained_root / "latents" / tok.id
+    manifest = read_json(out / "manifest.json")
+    assert manifest["tokenizer_id"] == tok.id and manifest["channels"] == tok.channels
+    assert len(manifest["stats"]["mean"]) == tok.channels and len(manifest["stats"]["std"]) == tok.channels
+    assert len(manifest["shards"]) == 8
+    raw = {(s["domain"], s["trajectory"]): s for s in read_json(trained_root / "raw" / "manifest.json")["shards"]}
+    window = load_config("smoke").tokenizer.window
+    for shard in manifest["shards"]:
+        assert sha256_file(out / shard["path"]) == shard["sha256"]
+        samples = list(iter_shard(out / shard["path"]))
+        assert len(samples) == shard["samples"] == len(windows(3, window))
+        frames = list(iter_shard(trained_root / "raw" / raw[(shard["domain"], shard["trajectory"])]["path"]))
+        for sample in samples:
+            meta, z = sample["meta.json"], sample["z.npy"]
+            assert meta["tokenizer_id"] == tok.id and meta["split"] == shard["split"]
+            assert sample["__key__"] == f"{shard['domain']}_{shard['trajectory']:05d}_{meta['t0']:05d}"
+            assert z.dtype == np.float32 and z.shape[1:] == (tok.channels, 16, 16, 16) and z.shape[0] >= 2
+            # stored latents are exactly what the API encodes for that frame
+            raw_frame = frames[meta["t0"]]
+            u = torch.from_numpy(raw_frame["u.npy"])[None]
+            mask = torch.from_numpy(raw_frame["mask.npy"].astype(np.float32))[None]
+            assert torch.allclose(torch.from_numpy(z[:1]), tok.encode(u, mask, shard["domain"]), atol=1e-5)
+
+
+def test_encode_and_train_resume_without_redoing_work(trained_root, capsys):
+    tok_id = read_json(trained_root / "tokenizer" / "tokenizer.json")["id"]
+    shard = next((trained_root / "latents" / tok_id / "train").glob("*.tar"))
+    before = shard.stat().st_mtime_ns
+    assert cli.main(["encode", *SMOKE, "--root", str(trained_root), *_sim_overrides(), *FAST]) == 0
+    assert shard.stat().st_mtime_ns == before
+    # train resumes at its last step: nothing to train, same weights, same id
+    assert cli.main(["train-tokenizer", *SMOKE, "--root", str(trained_root), *_sim_overrides(), *FAST]) == 0
+    assert read_json(trained_root / "tokenizer" / "tokenizer.json")["id"] == tok_id
+
+
+def test_audit_prints_one_json_object(trained_root, capsys):
+    assert cli.main(["audit", *SMOKE, "--root", str(trained_root), *_sim_overrides()]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert {"operator", "dtype", "max_abs", "rel_max", "rel_rms"} <= set(report)
+    assert report["operator"] == "spectral" and report["dtype"] == "float64" and report["grid"] == 32
+    assert report["rel_max"] <= 1e-12 and set(report["cases"]) == {"random_latent", "encoded_channel", "encoded_porous"}
+    assert report["weights"].startswith("trained")
+
+
+def test_audit_at_another_grid_uses_a_fresh_decoder(trained_root, capsys):
+    assert cli.main(["audit", *SMOKE, "--root", str(trained_root), "--grid", "64", "tokenizer.operator=staggered",
+                     "tokenizer.width=8", "tokenizer.hidden=16", *_sim_overrides()]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["grid"] == 64 and report["weights"] == "random-init" and report["operator"] == "staggered"
+    assert report["rel_max"] <= 1e-12 and report["cases"]["encoded_porous"]["grad_rms"] > 0
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _corrupt_member(shard: Path, member_suffix: str) -> str:
+    """Rewrite `shard` with garbage bytes in the first member ending in `member_suffix`; return its key."""
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    hit = next(m for m, _ in members if m.name.endswith(member_suffix))
+    with tarfile.open(shard, "w") as tar:
+        for m, data in members:
+            data = b"not an array" if m is hit else data
+            m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+    return hit.name[: -len(member_suffix) - 1]
+
+
+def test_corrupt_raw_shard_error_names_shard_and_key(trained_root, tmp_path, capsys):
+    root = tmp_path / "ws"
+    shutil.copytree(trained_root / "raw", root / "raw")
+    shutil.copytree(trained_root / "tokenizer", root / "tokenizer")
+    shard = root / "raw" / "train" / "porous-000001.tar"
+    key = _corrupt_member(shard, "u.npy")
+    assert cli.main(["encode", *SMOKE, "--root", str(root), *_sim_overrides(), *FAST]) == 2
+    line = next(l for l in capsys.readouterr().err.splitlines() if l.startswith("shodh: error:"))
+    assert str(shard) in line and f"'{key}'" in line and "u.npy" in line
+
+
+def test_grid_mismatch_with_raw_manifest_is_a_config_error(trained_root, capsys):
+    assert cli.main(["encode", *SMOKE, "--root", str(trained_root), "sim.grid=64"]) == 2
+    err = capsys.readouterr().err
+    assert "sim.grid" in err and "grid 32" in err
+
+
+# ---------------------------------------------------------------- multi-process
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_train_and_encode_with_the_deepspeed_launcher(raw_root, tmp_path):
+    root = tmp_path / "ws"
+    shutil.copytree(raw_root, root)
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    args = [*SMOKE, "--root", str(root), *_sim_overrides(), "tracking.mlflow=false", "tokenizer.steps=4",
+            "tokenizer.warmup=1"]
+    for module in ("shodh.train_tokenizer", "shodh.encode"):
+        cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()), "--module", module, *args]
+        proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    info = read_json(root / "tokenizer" / "tokenizer.json")
+    manifest = read_json(root / "latents" / info["id"] / "manifest.json")
+    assert len(manifest["shards"]) == 8 and all(s["samples"] >= 1 for s in manifest["shards"])
+    assert info["training"]["steps"] == 4
