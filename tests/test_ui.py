@@ -57,7 +57,7 @@ def test_runs_table_and_compare_view(browser_available, served_workspace):
             for name in runs:
                 page.get_by_role("link", name=name, exact=True).first.wait_for()
             # metric columns are opt-in in MLflow 3's table: add ours through the Columns menu
-            page.get_by_role("button", name="Columns").click()
+            page.get_by_role("button", name="Columns", exact=True).click()  # not "Show more columns (N total)"
             for metric in METRICS:
                 page.get_by_text(metric, exact=True).first.click()
             page.keyboard.press("Escape")
