@@ -9,6 +9,7 @@ The cluster has no accounting database: a job's final state and exit code come f
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -370,3 +371,46 @@ def test_pretrain_usr1_checkpoints_requeues_and_resumes(cluster, pretrain_jobs):
     client, run = _mlflow_run(job["uri"], "preempt")  # the restart reattached to the same run
     assert run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")][-1] == STEPS_PREEMPT
+
+
+# ---- the study as an array job: one task per arm x seed, then the report job -------------------
+
+def test_study_array_tasks_then_report_job(cluster, served_workspace, tmp_path):
+    """slurm/study.sbatch on the served workspace (real tokenizer and latents; runs logged
+    through the real MLflow server, as a multi-node study would): two arms x one seed as an
+    array, the report job submitted by task 0 after both succeeded."""
+    import eval_workspace
+    from mlflow.tracking import MlflowClient
+
+    root, _, url = served_workspace
+    name, experiment, arms = "slurm-study", "slurm-study", ["moe_mixed", "moe_single_channel"]
+    args = ["--profile", "smoke", "--root", str(root), "--arms", ",".join(arms), "--seeds", "1",
+            *eval_workspace.FAST, "train.max_steps=2", "train.ckpt_every=1", "eval.rollout_steps=1",
+            f"study.name={name}", f"tracking.experiment={experiment}"]
+    env = {**cluster, "MLFLOW_TRACKING_URI": url}
+    array = sbatch(env, "--array=0-1", f"--output={tmp_path}/study-%a.out", str(REPO / "slurm" / "study.sbatch"),
+                   *args, cwd=tmp_path)
+    first = tmp_path / "study-0.out"
+    wait_until(lambda: first.exists() and "report job " in first.read_text(), 180, "task 0 to submit the report job")
+    report = int(first.read_text().split("report job ")[1].split()[0])
+    report_log = tmp_path / f"shodh-study-report-{report}.out"
+    info = wait_for(cluster, report, 600, report_log)
+    logs = "\n".join(p.read_text()[-2000:] for p in tmp_path.glob("*.out"))
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), logs
+    out = subprocess.run(["scontrol", "show", "job", "-o", str(array)], env=cluster, capture_output=True, text=True)
+    assert out.stdout.count("JobState=COMPLETED") == 2, out.stdout
+    # each task trained its own arm (task i -> arm i, seed 0), and the report read both
+    assert "arm moe_mixed, seed 0" in (tmp_path / "study-0.out").read_text()
+    assert "arm moe_single_channel, seed 0" in (tmp_path / "study-1.out").read_text()
+    runs = root / "runs" / experiment
+    for arm in arms:
+        assert (runs / f"{name}-{arm}-s0" / "study_arm.json").is_file()
+    study = json.loads((runs / name / "study.json").read_text())
+    assert study["arms"] == arms and study["seeds"] == 1
+    entry = study["negative_transfer"]["vrmse"]["moe_mixed"]["channel"]
+    assert entry["reference"] == "moe_single_channel" and math.isfinite(entry["nt"])
+    client = MlflowClient(url)
+    parent = (runs / name / "mlflow_run_id").read_text().strip()
+    children = client.search_runs([client.get_experiment_by_name(experiment).experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent}'")
+    assert sorted(r.info.run_name for r in children) == sorted(f"{name}-{a}-s0" for a in arms)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from shodh.config import RunConfig
-from shodh.data.shards import read_json, write_json_atomic
+from shodh.data.shards import read_json, write_json_atomic, write_text_atomic
 from shodh.errors import ShodhError
 from shodh.study import stats
 from shodh.study.arms import Arm, arm_config
@@ -331,7 +331,7 @@ def write(study: dict, folder: Path, parent: Tracker) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "plots").mkdir(exist_ok=True)
     write_json_atomic(folder / "study.json", study)
-    (folder / "study.md").write_text(markdown(study))
+    write_text_atomic(folder / "study.md", markdown(study))
     plots = [folder / "plots" / "nt.png", folder / "plots" / "conflict.png", folder / "plots" / "routing.png"]
     nt_bars(study, plots[0])
     conflict_plot(study, plots[1])

@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -32,7 +31,7 @@ import yaml
 
 from shodh.config import RunConfig
 from shodh.data.loader import LatentStream, eval_batches, read_manifest
-from shodh.data.shards import read_json, write_json_atomic
+from shodh.data.shards import read_json, write_json_atomic, write_text_atomic
 from shodh.distributed import DistInfo
 from shodh.errors import ShodhError
 from shodh.model.moe import RoutingTelemetry, no_token_dropping, router_inputs
@@ -83,9 +82,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if not path.is_file():
         return
     keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(line + "\n" for line in keep))
 
 
 def _mean_over_world(values: list[float], device: torch.device) -> list[float]:
@@ -183,7 +180,7 @@ def pretrain(cfg: RunConfig, root: Path, run_name: str | None, info: DistInfo) -
                  f"measured {dtype_name(dtype)} matmul {peak:.3g} FLOP/s per rank")
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
         write_json_atomic(run_dir / "ds_config.json", ds_config)
         if step:
             _truncate_metrics(run_dir / "metrics.jsonl", step)
