@@ -38,6 +38,7 @@ demo: install
 	stage pretrain --run-name demo-dense model.kind=dense_active; \
 	stage evaluate --run demo-moe; \
 	stage evaluate --run demo-dense; \
+	stage study --seeds 1; \
 	echo "==> demo done in $$(( $$(date +%s) - start )) s; browse the runs: $(BIN)/shodh ui --root $(ROOT)"
 
 # pytest exits 5 when it collected no tests: that is a failure here, not a pass.
