@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shodh.data.shards import write_text_atomic
 from shodh.errors import check
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ class Tracker:
         if run_id is None:
             run = client.create_run(experiment_id, run_name=run_name, tags={"git_sha": git_sha(), **(tags or {})})
             run_id = run.info.run_id
-            id_file.write_text(run_id + "\n")
+            write_text_atomic(id_file, run_id + "\n")
             from mlflow.entities import Param
 
             batch = [Param(k, str(v)[:6000]) for k, v in flatten(params or {}).items()]

@@ -14,7 +14,7 @@ import json
 import os
 import tarfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import webdataset as wds
@@ -103,13 +103,22 @@ class AtomicShardWriter:
         os.replace(self.tmp, self.path)
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Readers see the old file or the new one, never a torn write."""
+def write_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` fills a sibling temporary file, which is then renamed over `path`: readers see
+    the old file or the new one, never a torn write, and a failed write leaves no debris."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
+    try:
+        write(tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:

@@ -45,6 +45,7 @@ from shodh.eval import metrics as M
 from shodh.eval import plots
 from shodh.eval.routing import route_metrics
 from shodh.model.moe import router_inputs
+from shodh.tokenizer import operators
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +199,7 @@ def _one_step(ev: Evaluator, traj: Trajectory, domain_id: int, telemetry) -> dic
     u_true = traj.u_TCXYZ[1:]
     u_pred = ev.decode(z_pred, traj.mask_XYZ, traj.domain)
     u_ae = ev.decode(z_true, traj.mask_XYZ, traj.domain)
-    div = M.divergence(u_pred, ev.tok.operator)
+    div = operators.divergence_stats(u_pred, ev.tok.operator)  # the audit's operator and measure
     return {
         "latent_mse": M.mse_B(z_pred.double(), z_true.double()),
         "decoded_mse": M.mse_B(u_pred, u_true),

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import torch
 
-from shodh.tokenizer import operators
-
 EPS = 1e-7  # The Well's epsilon: keeps a constant truth from dividing by zero
 BANDS = ("low", "mid", "high")
 SPECTRAL_FLOOR = 1e-6  # band energy floor, as a fraction of the truth's fluctuation energy
@@ -105,10 +103,4 @@ def spectral_error_B3(pred_BCXYZ: torch.Tensor, true_BCXYZ: torch.Tensor) -> tor
     return torch.stack(out, dim=-1)
 
 
-def divergence(u_BCXYZ: torch.Tensor, operator: str) -> dict[str, float]:
-    """Divergence of a batch of decoded fields in their dtype (float64 for decoded fields), with
-    the tokenizer's audit operator: {"max_abs": max |div u|, "rel_max": that / rms |∇u|}.
-    u = curl A is divergence-free to round-off under its matching operator."""
-    stats = operators.divergence_stats(u_BCXYZ, operator)
-    return {"max_abs": stats["max_abs"], "rel_max": stats["rel_max"]}
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from shodh.data.shards import AtomicShardWriter, read_json, sha256_file, sha256_json, write_json_atomic
+from shodh.data.shards import AtomicShardWriter, read_json, sha256_file, sha256_json, write_atomic, write_json_atomic
 from shodh.errors import DataError, ShodhError, check
 from shodh.physics import domains as physics_domains
 from shodh.physics.domains import ChannelConfig, PorousConfig
@@ -183,10 +182,11 @@ def channel_spinup(sim: SimConfig, seed: int, root: Path, sha: str) -> np.ndarra
 
         steps = _advance(solver, cfg.spinup_time, sim.cfl, cfg.max_dt, tick, "channel spin-up")
     state = resample(solver.velocity(), sim.grid).cpu().numpy()
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(f"channel.tmp-{os.getpid()}.npy")
-    np.save(tmp, state, allow_pickle=False)
-    tmp.replace(cache)
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to the temporary name
+            np.save(f, state, allow_pickle=False)
+
+    write_atomic(cache, save)
     write_json_atomic(record, {"config_sha": sha, "time": cfg.spinup_time, "steps": steps,
                                "wall_s": round(time.perf_counter() - t0, 2)})
     log.info("channel spin-up: %d steps, %.1f s", steps, time.perf_counter() - t0)

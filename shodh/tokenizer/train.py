@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 
-from shodh.data.shards import iter_shard, sha256_file, sha256_json, write_json_atomic
+from shodh.data.shards import iter_shard, sha256_file, sha256_json, write_atomic, write_json_atomic
 from shodh.distributed import DistInfo, export_env
 from shodh.errors import DataError
 from shodh.eval.metrics import vrmse_BC
@@ -142,12 +141,6 @@ def lr_at(step: int, cfg: TokenizerConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def _save_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def train(cfg, root: Path, info: DistInfo) -> dict:
     """Train (or resume) the tokenizer of RunConfig `cfg`; returns tokenizer.json's content on rank 0."""
     tcfg: TokenizerConfig = cfg.tokenizer
@@ -215,8 +208,9 @@ def train(cfg, root: Path, info: DistInfo) -> dict:
             log.info("step %d/%d loss %.4g (%.2f fields/s)", step, tcfg.steps, last_loss, rate)
         if info.is_main and (step % tcfg.checkpoint_every == 0 or step == tcfg.steps):
             out_dir.mkdir(parents=True, exist_ok=True)
-            _save_atomic({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                          "identity": identity_sha}, ckpt_path)
+            state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                     "identity": identity_sha}
+            write_atomic(ckpt_path, lambda tmp: torch.save(state, tmp))
         if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.steps and info.is_main:
             metrics, _ = evaluate(net, norm, tcfg.operator, manifest, root, "val", tcfg.eval_fields, device)
             tracker.log_metrics(metrics, step)
@@ -253,7 +247,8 @@ def finish(net: TokenizerNet, norm: Normalization, cfg, manifest: dict, root: Pa
 
     out_dir = Path(root) / "tokenizer"
     weights = out_dir / "tokenizer.pt"
-    _save_atomic({k: v.detach().cpu() for k, v in net.state_dict().items()}, weights)
+    weights_cpu = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    write_atomic(weights, lambda tmp: torch.save(weights_cpu, tmp))
     digest = sha256_file(weights)
     n = manifest["grid"]
     info = {

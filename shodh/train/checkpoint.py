@@ -13,14 +13,13 @@ from checkpoints you wrote.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from shodh.data.shards import read_json, write_json_atomic
+from shodh.data.shards import read_json, write_atomic, write_json_atomic, write_text_atomic
 from shodh.errors import ShodhError
 
 LATEST = "latest"
@@ -55,19 +54,15 @@ def save(engine, ckpt_dir: Path, step: int, rank: int, layout: dict, loader_stat
     tag = tag_for(step)
     folder = ckpt_dir / tag
     folder.mkdir(parents=True, exist_ok=True)
-    mine = folder / f"rank-{rank:05d}.pt"
-    tmp = mine.with_name(mine.name + ".tmp")
-    torch.save({"loader": loader_state, "rng": rng_state()}, tmp)
-    os.replace(tmp, mine)
+    mine = {"loader": loader_state, "rng": rng_state()}
+    write_atomic(folder / f"rank-{rank:05d}.pt", lambda tmp: torch.save(mine, tmp))
     if rank == 0:
         write_json_atomic(folder / "meta.json", {"step": step, **layout})
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, "config": config},
                            save_latest=False)
     dist.barrier()  # every rank's files are on disk before `latest` points at them
     if rank == 0:
-        tmp_latest = ckpt_dir / (LATEST + ".tmp")
-        tmp_latest.write_text(tag)
-        os.replace(tmp_latest, ckpt_dir / LATEST)
+        write_text_atomic(ckpt_dir / LATEST, tag)
     dist.barrier()
     return tag
 
