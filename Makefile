@@ -1,5 +1,7 @@
 # make demo: every pipeline stage end to end on the demo profile (CPU, embedded MLflow store).
 # make test: the test suite (what CI runs through .ci/run).
+# make test-fast: the in-process unit tests (`-m fast`, marked in tests/conftest.py), well under a minute.
+# make lint: ruff (configured in pyproject.toml).
 # The virtual environment is created on first use and its bin/ leads PATH (DeepSpeed JIT builds
 # find the same ninja in every process). TORCH_SPEC picks the torch build:
 # the default takes the CPU wheel; on GPU machines install a CUDA build first (README).
@@ -15,7 +17,7 @@ PYTEST_ARGS ?=
 # cache means it is built once, not by every test process that happens to start first.
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/shodh/torch_extensions
 
-.PHONY: demo test install clean-demo
+.PHONY: demo test test-fast lint install clean-demo
 
 install: $(VENV)/.installed
 
@@ -47,6 +49,15 @@ test: install
 	DS_ACCELERATOR=$${DS_ACCELERATOR:-cpu} $(BIN)/python -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()"
 	DS_ACCELERATOR=$${DS_ACCELERATOR:-cpu} $(BIN)/python -m pytest $(PYTEST_ARGS); \
 	rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+test-fast: install
+	@start=$$(date +%s); \
+	DS_ACCELERATOR=$${DS_ACCELERATOR:-cpu} $(BIN)/python -m pytest -m fast $(PYTEST_ARGS); \
+	rc=$$?; echo "==> test-fast: $$(( $$(date +%s) - start )) s"; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+lint: install
+	$(BIN)/ruff check shodh tests benchmarks data_pipeline
 
 clean-demo:
 	rm -rf $(ROOT)

@@ -27,7 +27,7 @@ from einops import rearrange
 from torch import nn
 
 from shodh.data.loader import DataConfig, LatentStream, _Shard, _source, latent_dir, read_manifest
-from shodh.data.shards import AtomicShardWriter, write_json_atomic
+from shodh.io import AtomicShardWriter, write_json_atomic
 
 TOK, C, T, GRID, PATCH = "bench-tok", 8, 8, 16, 2
 DOMAINS = ["channel", "porous"]
@@ -67,7 +67,8 @@ class StandIn(nn.Module):
         x_BTP = rearrange(z_BCXYZ, pattern, p=PATCH, q=PATCH, r=PATCH)
         y_BTP = self.unembed(self.blocks(self.embed(x_BTP)))
         g = GRID // PATCH
-        return z_BCXYZ + rearrange(y_BTP, "b (x y z) (p q r c) -> b c (x p) (y q) (z r)", x=g, y=g, z=g, p=PATCH, q=PATCH, r=PATCH)
+        return z_BCXYZ + rearrange(y_BTP, "b (x y z) (p q r c) -> b c (x p) (y q) (z r)",
+                                   x=g, y=g, z=g, p=PATCH, q=PATCH, r=PATCH)
 
 
 def train_steps(model, opt, batches) -> float:
@@ -139,8 +140,8 @@ def main() -> None:
     print(f"consumption, STAND-IN transformer fwd+bwd+AdamW (512 tok x 128 d, 4 layers): "
           f"{step_s * 1e3:.0f} ms/step (median) = {consume:.1f} samples/s")
     print()
-    print(f"| workers | first batch (s) | loader samples/s | ratio to consumption |")
-    print(f"|---|---|---|---|")
+    print("| workers | first batch (s) | loader samples/s | ratio to consumption |")
+    print("|---|---|---|---|")
     for workers, first, rate in rows:
         print(f"| {workers} | {first:.2f} | {rate:.0f} | {rate / consume:.0f}x |")
     print()

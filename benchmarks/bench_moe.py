@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from shodh.model.config import ModelConfig
-from shodh.model.transformer import LatentTransformer, count_params, forward_flops_per_token
-from shodh.train.loop import measure_peak_flops
+from shodh.model.params import count_params
+from shodh.model.transformer import LatentTransformer, forward_flops_per_token
+from shodh.train.trainer import measure_peak_flops
 
 CHANNELS = 8
 

@@ -73,7 +73,8 @@ def main() -> None:
     print("| grid | encode fields/s | decoder net s/field | fp64 Biot–Savart + curl s/field | peak MiB |")
     print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['grid']}^3 | {r['encode_fields_per_s']:.2f} | {r['decode_net_s']:.3f} | {r['fp64_curl_s']:.3f} | {r['peak_mib']:.0f} |")
+        print(f"| {r['grid']}^3 | {r['encode_fields_per_s']:.2f} | {r['decode_net_s']:.3f} | {r['fp64_curl_s']:.3f} "
+              f"| {r['peak_mib']:.0f} |")
     print(json.dumps(rows))
 
 

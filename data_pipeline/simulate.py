@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from shodh.cli import ensure_root
 from shodh.config import load_config
 from shodh.distributed import array_task
 from shodh.errors import ShodhError
 from shodh.physics import simulate
+from shodh.workspace import ensure_root
 
 
 def _worker(profile: str, overrides: list[str], root: str, index: int, count: int, threads: int) -> None:

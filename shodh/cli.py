@@ -10,29 +10,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import yaml
 
 from shodh.config import RunConfig, available_profiles, load_config, validate_tree
+from shodh.distributed import log_level_env
 from shodh.errors import ShodhError
+from shodh.workspace import SPLITS, ensure_root
 
 DEFAULT_ROOT = "./shodh-work"
 log = logging.getLogger("shodh")
-
-
-def ensure_root(root: Path) -> Path:
-    """Create the workspace if needed and prove it is writable, before any work starts."""
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=root, prefix=".write-test-"):
-            pass
-    except OSError as exc:
-        raise ShodhError(f"--root {root}: workspace is not writable ({exc.strerror or exc})") from None
-    return root
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -69,16 +58,19 @@ def cmd_simulate(args, cfg: RunConfig) -> int:
     manifest = simulate.run(cfg.sim, cfg.seed, root, overwrite=args.overwrite)
     counts = manifest["counts"]
     summary = ", ".join(f"{s}: " + "/".join(f"{d} {counts[s][d]['samples']}" for d in manifest["domains"])
-                        for s in simulate.SPLITS)
+                        for s in SPLITS)
     print(f"raw shards in {root / 'raw'} ({summary} frames); manifest {root / 'raw' / 'manifest.json'}")
     return 0
 
 
 def cmd_pretrain(args, cfg: RunConfig) -> int:
     from shodh.distributed import dist_info
-    from shodh.train.loop import pretrain
+    from shodh.eval.callbacks import training_callbacks
+    from shodh.train.trainer import pretrain
 
-    run_dir = pretrain(cfg, ensure_root(args.root), args.run_name, dist_info(local_rank_arg=args.local_rank))
+    root = ensure_root(args.root)
+    run_dir = pretrain(cfg, root, args.run_name, dist_info(local_rank_arg=args.local_rank),
+                       training_callbacks(cfg, root))
     print(f"run directory {run_dir}")
     return 0
 
@@ -89,7 +81,8 @@ def cmd_train_tokenizer(args, cfg: RunConfig) -> int:
 
     info = train(cfg, ensure_root(args.root), dist_info(local_rank_arg=args.local_rank))
     if info:
-        val = ", ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in info["metrics"].items() if k.startswith("val/") and k.endswith("/vrmse"))
+        val = ", ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in info["metrics"].items()
+                        if k.startswith("val/") and k.endswith("/vrmse"))
         print(f"tokenizer {info['id']} in {args.root / 'tokenizer'} (val VRMSE: {val or 'n/a'}; "
               f"audit rel_max {info['audit']['rel_max']:.2e}, {info['audit']['operator']})")
     return 0
@@ -133,8 +126,9 @@ def cmd_evaluate(args, cfg: RunConfig) -> int:
 def cmd_study(args, cfg: RunConfig) -> int:
     import shlex
 
+    from shodh.study.arms import study_dir
     from shodh.study.report import nt_table
-    from shodh.study.run import run_study, study_dir
+    from shodh.study.run import run_study
 
     if args.seeds is not None:
         cfg = dataclasses.replace(cfg, study=dataclasses.replace(cfg.study, seeds=args.seeds))
@@ -164,7 +158,7 @@ def cmd_ui(args, cfg: RunConfig) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shodh", description=__doc__.splitlines()[0])
-    parser.add_argument("--log-level", default=os.environ.get("SHODH_LOG_LEVEL", "INFO"))
+    parser.add_argument("--log-level", default=log_level_env())
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     p = verbs.add_parser("config", help="print the resolved config of a profile plus overrides")
@@ -182,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     _launcher_args(p)
     p.set_defaults(func=cmd_pretrain)
 
-    p = verbs.add_parser("train-tokenizer", help="train the divergence-free tokenizer (also: deepspeed --module shodh.train_tokenizer)")
+    p = verbs.add_parser("train-tokenizer",
+                         help="train the divergence-free tokenizer (also: deepspeed --module shodh.train_tokenizer)")
     _common(p)
     _launcher_args(p)
     p.set_defaults(func=cmd_train_tokenizer)

@@ -1,16 +1,19 @@
-"""The one reader of the distributed environment (torchrun/deepspeed, SLURM, array jobs).
+"""The one reader of the process environment, and the one place a process group or device is chosen.
 
-Sources, in order: the launcher's RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT,
+Distributed layout sources, in order: the launcher's RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT,
 then SLURM's SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS (for `srun python -m ...` without
 a wrapper), then a single process. The `deepspeed` launcher also passes `--local_rank=N` on the
 command line; `strip_local_rank` takes it out of argv (it must agree with LOCAL_RANK).
+Besides the launcher's variables, only two others are read, here: MLFLOW_TRACKING_URI (a
+tracking server instead of the embedded store) and SHODH_LOG_LEVEL (the CLI's default log level).
 """
 
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+import socket
+from dataclasses import dataclass, replace
 from typing import Mapping
 
 from shodh.errors import ShodhError
@@ -112,3 +115,58 @@ def array_task(env: Mapping[str, str] | None = None) -> tuple[int, int]:
     index = _int(env, "SLURM_ARRAY_TASK_ID") - (_int(env, "SLURM_ARRAY_TASK_MIN") if "SLURM_ARRAY_TASK_MIN" in env else 0)
     count = _int(env, "SLURM_ARRAY_TASK_COUNT") if "SLURM_ARRAY_TASK_COUNT" in env else 1
     return index, count
+
+
+def tracking_uri_env() -> str:
+    """MLFLOW_TRACKING_URI, or "" when unset (the embedded store is then used)."""
+    return os.environ.get("MLFLOW_TRACKING_URI", "")
+
+
+def log_level_env(default: str = "INFO") -> str:
+    return os.environ.get("SHODH_LOG_LEVEL", default)
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """This process's environment plus `extra`, for a server or tool started from shodh."""
+    return {**os.environ, **extra}
+
+
+def _free_port() -> int:
+    """A free TCP port for a single-process rendezvous (29500 may be taken by a neighbour)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def choose_device(requested: str, info: DistInfo):
+    """torch.device for this rank: "auto" = this rank's GPU when there is one, else the CPU; a bare
+    "cuda" means this rank's GPU (LOCAL_RANK). A CUDA device is also made the current one."""
+    import torch
+
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(requested)
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", info.local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
+def init_process_group(info: DistInfo, device, always: bool = False) -> DistInfo:
+    """Join the torch.distributed group of this launch (gloo on CPU, nccl on CUDA).
+
+    A single process joins nothing unless `always` (DeepSpeed needs a group even for one rank: it
+    then gets a private one on a free loopback port). DeepSpeed adopts the existing group when
+    `deepspeed.initialize` runs. Returns the info as used (the port of a single process may change).
+    """
+    import torch.distributed as dist
+
+    if dist.is_initialized() or not (info.distributed or always):
+        return info
+    if info.source == "single":
+        info = replace(info, master_port=_free_port())
+    export_env(info)
+    dist.init_process_group("nccl" if getattr(device, "type", device) == "cuda" else "gloo",
+                            rank=info.rank, world_size=info.world_size)
+    return info

@@ -10,15 +10,16 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shodh.data.shards import write_text_atomic
+from shodh.distributed import tracking_uri_env
 from shodh.errors import check
+from shodh.io import write_text_atomic
+from shodh.workspace import mlflow_artifacts, mlflow_store
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ class TrackingConfig:
 
 
 def tracking_uri(cfg: TrackingConfig, root: Path) -> str:
-    return cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
+    return cfg.uri or tracking_uri_env() or mlflow_store(root)
 
 
 def git_sha() -> str:
@@ -85,13 +86,13 @@ class Tracker:
         import mlflow
 
         uri = tracking_uri(cfg, root)
-        embedded = not (cfg.uri or os.environ.get("MLFLOW_TRACKING_URI"))
+        embedded = not (cfg.uri or tracking_uri_env())
         # An explicit client, not mlflow.set_tracking_uri: that one exports MLFLOW_TRACKING_URI,
         # which would send every later Tracker of this process (another root) to this store.
         client = mlflow.MlflowClient(tracking_uri=uri)
         experiment = client.get_experiment_by_name(cfg.experiment)
         if experiment is None:
-            artifacts = (Path(root).resolve() / "mlartifacts").as_uri() if embedded else None
+            artifacts = mlflow_artifacts(root).as_uri() if embedded else None
             experiment_id = client.create_experiment(cfg.experiment, artifact_location=artifacts)
         else:
             experiment_id = experiment.experiment_id

@@ -17,8 +17,10 @@ import os
 import sys
 from pathlib import Path
 
+from shodh.distributed import child_env
 from shodh.errors import ShodhError
 from shodh.tracking import TrackingConfig, tracking_uri
+from shodh.workspace import mlflow_artifacts
 
 
 def server_command(cfg: TrackingConfig, root: Path, host: str, port: int) -> tuple[list[str], dict[str, str]]:
@@ -27,10 +29,10 @@ def server_command(cfg: TrackingConfig, root: Path, host: str, port: int) -> tup
     if not uri.startswith(("sqlite:", "postgresql:", "mysql:", "mssql:")) and "://" in uri:
         raise ShodhError(f"tracking URI {uri} is already a server (MLFLOW_TRACKING_URI or tracking.uri): open it "
                          f"in a browser instead of starting another")
-    artifacts = Path(root).resolve() / "mlartifacts"
+    artifacts = mlflow_artifacts(root)
     argv = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
             "--artifacts-destination", artifacts.as_uri(), "--host", host, "--port", str(port), "--workers", "1"]
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env = child_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     return argv, env
 
 

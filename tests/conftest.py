@@ -68,3 +68,32 @@ def served_workspace(tmp_path_factory):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+# ------------------------------------------------------------------ `make test-fast` (pytest -m fast)
+# In-process tests that each take well under 5 s on 2 cores (measured with --durations=0): whole
+# files, minus the slow tests named in FAST_EXCLUDED, plus named tests from otherwise slow files.
+# A new test in a FAST_FILES file is fast by default; keep it that way or add it to FAST_EXCLUDED.
+FAST_FILES = {"test_config.py", "test_distributed.py", "test_eval_metrics.py", "test_loader.py",
+              "test_model.py", "test_packaging.py", "test_physics.py"}
+FAST_EXCLUDED = {"test_channel_profile_and_mean_momentum_balance",  # ~8 s
+                 "test_porous_darcy_linearity_and_solid_leak"}  # ~13 s
+FAST_TESTS = {
+    "test_tokenizer.py": {"test_curl_of_random_potential_is_divergence_free",
+                          "test_operators_match_analytic_derivatives",
+                          "test_decoder_output_for_random_latents_is_divergence_free",
+                          "test_constant_mean_flow_is_representable",
+                          "test_windows_cover_every_consecutive_pair_once",
+                          "test_config_errors_name_the_field"},
+    "test_study.py": {"test_worse_arm_gives_positive_nt", "test_conflict_cosine_normalization",
+                      "test_conflict_of_a_real_gradient_with_itself_is_one",
+                      "test_domain_label_reaches_only_the_oracle_router"},
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        file, name = item.path.name, getattr(item, "originalname", item.name)
+        if (file in FAST_FILES and name not in FAST_EXCLUDED) or name in FAST_TESTS.get(file, ()):
+            item.add_marker(pytest.mark.fast)

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from shodh.cli import main
-from shodh.data.shards import AtomicShardWriter, write_json_atomic
-from shodh.physics.solver import SpectralGrid
+from shodh.fields.spectral import SpectralGrid
+from shodh.io import AtomicShardWriter, write_json_atomic
 
 GRID, FRAMES = 16, 4
 SPLITS = {"train": 1, "val": 1, "test": 1}

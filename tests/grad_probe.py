@@ -19,11 +19,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from deepspeed.utils import safe_get_full_grad
 
-from shodh.distributed import dist_info, strip_local_rank
+from shodh.distributed import dist_info, init_process_group, strip_local_rank
 from shodh.model.config import ModelConfig
 from shodh.model.transformer import LatentTransformer
 from shodh.train.config import TrainConfig
-from shodh.train.engine import build_engine, check_layout, init_distributed, load_ds_config
+from shodh.train.engine import build_engine, check_layout, load_ds_config
 
 C, GLOBAL, MICRO = 4, 4, 2
 
@@ -58,7 +58,7 @@ if info.world_size == 1:
 
 tcfg = TrainConfig(micro_batch=MICRO, grad_accum=1)
 layout = check_layout(mcfg, tcfg, info)
-init_distributed(info)
+init_process_group(info, torch.device("cpu"), always=True)
 engine, model = build_engine(mcfg, tcfg, layout, load_ds_config(tcfg, layout), C, seed=0)
 loss = loss_of(engine, info.rank * MICRO)
 engine.backward(loss)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shodh.data.shards import AtomicShardWriter, write_json_atomic
+from shodh.io import AtomicShardWriter, write_json_atomic
 
 TOKENIZER_ID = "test-tokenizer-0001"
 

@@ -18,8 +18,8 @@ import torch
 import webdataset as wds
 
 from shodh.data.loader import DataConfig, LatentStream, eval_batches, latent_dir, read_manifest
-from shodh.data.shards import AtomicShardWriter, write_json_atomic
 from shodh.errors import ConfigError, DataError
+from shodh.io import AtomicShardWriter, write_json_atomic
 
 TOK = "tok-aaaa"
 C = 2

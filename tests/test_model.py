@@ -13,7 +13,8 @@ from shodh.distributed import DistInfo
 from shodh.errors import ConfigError
 from shodh.model.config import ModelConfig
 from shodh.model.moe import MoEFFN, RoutingTelemetry, no_token_dropping, normalized_mi
-from shodh.model.transformer import LatentTransformer, count_params, forward_flops_per_token
+from shodh.model.params import count_params
+from shodh.model.transformer import LatentTransformer, forward_flops_per_token
 from shodh.train.config import TrainConfig
 from shodh.train.engine import check_layout
 
@@ -116,3 +117,30 @@ def test_layout_is_validated_before_anything_is_built():
         check_layout(cfg, TrainConfig(micro_batch=2, global_batch=6), DistInfo(rank=0, world_size=2))
     layout = check_layout(cfg, TrainConfig(micro_batch=2, grad_accum=3), DistInfo(rank=3, world_size=4))
     assert layout.global_batch == 24 and layout.ep_rank == 1
+
+
+def test_every_parameter_is_tagged_by_module_type():
+    """Parameter groups come from tags set where modules are built, not from names: every parameter of
+    every model kind and router has one, and each group holds exactly the modules it names."""
+    from shodh.model import params
+
+    for cfg in (SMALL, dataclasses.replace(SMALL, kind="dense_active"), dataclasses.replace(SMALL, router="hash"),
+                dataclasses.replace(SMALL, shared_expert=False)):
+        m = model(cfg)
+        groups = {name: params.group_of(p, name) for name, p in m.named_parameters()}
+        assert set(groups.values()) <= set(params.GROUPS)
+        if cfg.kind == "moe":
+            ffn = m.blocks[0].ffn.moe
+            assert {params.group_of(p) for p in ffn.deepspeed_moe.experts.parameters()} == {"expert"}
+            assert params.group_of(ffn.deepspeed_moe.gate.wg.weight) == "router"
+            assert ("shared_expert" in groups.values()) == cfg.shared_expert
+        else:
+            assert {params.group_of(p) for p in m.blocks[0].ffn.parameters()} == {"dense_ffn"}
+        assert {params.group_of(p) for p in m.blocks[0].attn.parameters()} == {"attention"}
+        # No weight decay: vectors (norms, biases) and the position tables, which are matrices.
+        no_decay = {name for name, p in m.named_parameters() if not params.decays(p, name)}
+        assert {"pos_x", "pos_y", "pos_z"} <= no_decay
+        assert all(p.ndim < 2 or name.startswith("pos_") for name, p in m.named_parameters() if name in no_decay)
+    untagged = torch.nn.Parameter(torch.zeros(2, 2))
+    with pytest.raises(RuntimeError, match="no shodh_group tag"):
+        params.decays(untagged, "new.weight")

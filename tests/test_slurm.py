@@ -225,7 +225,7 @@ def test_bad_layout_or_profile_fails_the_job_before_srun(cluster, tmp_path):
         job = sbatch(cluster, *opts, f"--output={log}", str(REPO / "slurm" / "pretrain.sbatch"), *args,
                      "--root", str(tmp_path / "ws"), cwd=tmp_path)
         jobs[name] = (job, log, message)
-    for name, (job, log, message) in jobs.items():
+    for job, log, message in jobs.values():
         info = wait_for(cluster, job, 60, log)
         text = log.read_text()
         assert (info["JobState"], info["ExitCode"]) == ("FAILED", "2:0"), text
@@ -379,8 +379,9 @@ def test_study_array_tasks_then_report_job(cluster, served_workspace, tmp_path):
     """slurm/study.sbatch on the served workspace (real tokenizer and latents; runs logged
     through the real MLflow server, as a multi-node study would): two arms x one seed as an
     array, the report job submitted by task 0 after both succeeded."""
-    import eval_workspace
     from mlflow.tracking import MlflowClient
+
+    import eval_workspace
 
     root, _, url = served_workspace
     name, experiment, arms = "slurm-study", "slurm-study", ["moe_mixed", "moe_single_channel"]

@@ -53,7 +53,7 @@ def _summary(root, arm):
     return json.loads((root / "runs" / "shodh" / f"{NAME}-{arm}-s0" / "eval" / "summary.json").read_text())
 
 
-def _errors_SN(root, arm, domain, metric="vrmse"):
+def _errors_RI(root, arm, domain, metric="vrmse"):
     return np.asarray([_summary(root, arm)["per_sample"]["test"][domain][metric]])
 
 
@@ -91,7 +91,7 @@ def test_nt_is_computed_from_the_runs_per_sample_errors(study):
                 entry = result["negative_transfer"][metric][arm][d]
                 ref = ("moe" if arm.startswith("moe") else "dense") + f"_single_{d}"
                 assert entry["reference"] == ref
-                e_arm, e_ref = _errors_SN(root, arm, d, metric), _errors_SN(root, ref, d, metric)
+                e_arm, e_ref = _errors_RI(root, arm, d, metric), _errors_RI(root, ref, d, metric)
                 assert entry["nt"] == pytest.approx(e_arm.mean() / e_ref.mean() - 1, rel=1e-12)
                 assert entry["lo"] <= entry["nt"] <= entry["hi"] or math.isclose(entry["lo"], entry["hi"])
     # the per-sample errors are the ones evaluation averaged
@@ -104,7 +104,7 @@ def test_nt_is_computed_from_the_runs_per_sample_errors(study):
 
 def test_nt_of_an_arm_against_itself_is_zero(study):
     root, _, _ = study
-    e = _errors_SN(root, "moe_mixed", "porous")
+    e = _errors_RI(root, "moe_mixed", "porous")
     assert negative_transfer(e, e) == 0.0
     lo, hi = paired_bootstrap_ci(e, e, 500, 0.95)
     assert lo == 0.0 == hi

@@ -6,6 +6,7 @@ care whether the channel is fully turbulent) and copied where a test modifies it
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -14,7 +15,6 @@ import socket
 import subprocess
 import sys
 import tarfile
-import io
 from pathlib import Path
 
 import numpy as np
@@ -23,13 +23,15 @@ import torch
 
 from shodh import cli
 from shodh.config import load_config
-from shodh.data.shards import iter_shard, read_json, sha256_file
 from shodh.errors import ConfigError
+from shodh.fields import spectral
+from shodh.fields.metrics import vrmse_BC
+from shodh.fields.normalization import Normalization
+from shodh.io import iter_shard, read_json, sha256_file
 from shodh.physics import simulate
-from shodh.tokenizer import load_tokenizer, operators
+from shodh.tokenizer import load_tokenizer
 from shodh.tokenizer.encode import windows
-from shodh.tokenizer.model import Normalization, TokenizerNet, build_net, velocity
-from shodh.eval.metrics import vrmse_BC
+from shodh.tokenizer.model import TokenizerNet, build_net, velocity
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -64,12 +66,12 @@ def trained_root(raw_root, tmp_path_factory) -> Path:
 # ---------------------------------------------------------------- operators
 
 
-@pytest.mark.parametrize("operator", operators.OPERATORS)
+@pytest.mark.parametrize("operator", spectral.OPERATORS)
 @pytest.mark.parametrize("n", [32, 64])
 def test_curl_of_random_potential_is_divergence_free(operator, n):
     a = torch.randn(2, 3, n, n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
-    u = operators.curl(a, operator)
-    stats = operators.divergence_stats(u, operator)
+    u = spectral.curl(a, operator)
+    stats = spectral.divergence_stats(u, operator)
     assert stats["grad_rms"] > 1.0  # a real, non-trivial field
     assert stats["rel_max"] <= 1e-12 and stats["rel_rms"] <= 1e-13
 
@@ -81,18 +83,18 @@ def test_operators_match_analytic_derivatives():
     a = torch.stack([torch.zeros_like(X), torch.zeros_like(X), torch.sin(2 * X) * torch.cos(Y)])
     # curl (0, 0, f) = (df/dy, -df/dx, 0)
     exact = torch.stack([-torch.sin(2 * X) * torch.sin(Y), -2 * torch.cos(2 * X) * torch.cos(Y), torch.zeros_like(X)])
-    assert torch.allclose(operators.curl(a, "spectral"), exact, atol=1e-12)
+    assert torch.allclose(spectral.curl(a, "spectral"), exact, atol=1e-12)
     # forward differences: first order, error ~ k^2 dx / 2
-    err = (operators.curl(a, "staggered") - exact).abs().max()
+    err = (spectral.curl(a, "staggered") - exact).abs().max()
     assert 1e-3 < err < 0.5
     u_div = torch.stack([torch.sin(X), torch.zeros_like(X), torch.zeros_like(X)])
-    assert torch.allclose(operators.divergence(u_div, "spectral"), torch.cos(X), atol=1e-12)
+    assert torch.allclose(spectral.divergence(u_div, "spectral"), torch.cos(X), atol=1e-12)
 
 
 # ---------------------------------------------------------------- decoder structure
 
 
-@pytest.mark.parametrize("operator", operators.OPERATORS)
+@pytest.mark.parametrize("operator", spectral.OPERATORS)
 def test_decoder_output_for_random_latents_is_divergence_free(operator):
     torch.manual_seed(0)
     net = TokenizerNet(32, channels=4, width=8, hidden=16, blocks=1)
@@ -102,7 +104,7 @@ def test_decoder_output_for_random_latents_is_divergence_free(operator):
         w = net.decode(torch.randn(2, 4, 16, 16, 16), mask)
     u = velocity(w.double(), operator)
     assert u.dtype == torch.float64
-    stats = operators.divergence_stats(u, operator)
+    stats = spectral.divergence_stats(u, operator)
     assert stats["grad_rms"] > 0 and stats["rel_max"] <= 1e-12
 
 
@@ -121,10 +123,10 @@ def test_constant_mean_flow_is_representable():
     assert torch.allclose(u, expected.view(1, 3, 1, 1, 1).expand_as(u), atol=1e-7)
     # the curl part never carries a mean: the field mean is the mean-flow term alone
     w_rand = torch.randn(1, 3, 32, 32, 32, dtype=torch.float64) + target.double().view(1, 3, 1, 1, 1)
-    for operator in operators.OPERATORS:
+    for operator in spectral.OPERATORS:
         assert torch.allclose(velocity(w_rand, operator).mean(dim=(-3, -2, -1)), w_rand.mean(dim=(-3, -2, -1)), atol=1e-12)
     # spectrally, mean + curl(Biot–Savart(w)) is the Leray projection of w: a solenoidal w comes back unchanged
-    w_solenoidal = operators.curl(torch.randn(1, 3, 32, 32, 32, dtype=torch.float64), "spectral") + 0.3
+    w_solenoidal = spectral.curl(torch.randn(1, 3, 32, 32, 32, dtype=torch.float64), "spectral") + 0.3
     assert torch.allclose(velocity(w_solenoidal, "spectral"), w_solenoidal, atol=1e-10)
 
 
@@ -171,7 +173,7 @@ def test_training_lowers_reconstruction_error(trained_root):
         mask = torch.from_numpy(sample["mask.npy"].astype(np.float32))[None]
         decoded = tok.decode(tok.encode(u, mask, domain), mask, domain)
         assert decoded.dtype == torch.float64 and decoded.shape == (1, 3, 32, 32, 32)
-        assert operators.divergence_stats(decoded, tok.operator)["rel_max"] <= 1e-12
+        assert spectral.divergence_stats(decoded, tok.operator)["rel_max"] <= 1e-12
         errors["trained"].append(float(vrmse_BC(decoded, u.double()).mean()))
         with torch.no_grad():
             w = initial.decode(initial.encode(tok.norm.normalize(u, domain), mask), mask)
@@ -180,7 +182,8 @@ def test_training_lowers_reconstruction_error(trained_root):
     assert np.mean(errors["trained"]) < 0.8 * np.mean(errors["initial"]), errors
     info = read_json(trained_root / "tokenizer" / "tokenizer.json")
     assert info["loss"]["last_loss"] < info["loss"]["first_loss"]
-    logged = [json.loads(line) for line in (trained_root / "runs" / "shodh" / "tokenizer" / "metrics.jsonl").read_text().splitlines()]
+    metrics_jsonl = trained_root / "runs" / "shodh" / "tokenizer" / "metrics.jsonl"
+    logged = [json.loads(line) for line in metrics_jsonl.read_text().splitlines()]
     final = logged[-1]
     for domain in ("channel", "porous"):
         assert f"val/{domain}/vrmse" in final and f"val/{domain}/mse" in final

@@ -34,7 +34,7 @@ and buffer state cannot be checkpointed (exact resume would mean replaying the w
 from step 0), and `split_by_worker` ties data to worker ids, which DataLoader's round robin
 restarts at worker 0 after a resume. WebDataset still does the I/O: URL opening (`gopen`: local
 paths, `pipe:`, `http(s)://`, ...) and tar-to-sample grouping (`tarfile_to_samples`); samples are
-decoded by `shodh.data.shards.decode_sample` (`allow_pickle=False`).
+decoded by `shodh.io.decode_sample` (`allow_pickle=False`).
 
 Evaluation (`eval_batches`): one deterministic pass over the split in manifest order. Every
 rank reads all shards of the split (val/test latents are small) and keeps pairs i with
@@ -58,12 +58,13 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from shodh.data.shards import decode_sample, read_json
 from shodh.errors import DataError, check
+from shodh.fields.normalization import LatentNorm
+from shodh.io import decode_sample, read_json
+from shodh.workspace import LATENT, latent_dir
 
 log = logging.getLogger(__name__)
 
-LATENT_GRID = 16  # latent voxels per side, fixed by the tokenizer contract
 STATE_VERSION = 1
 # Distinct RNG stream tags so the mixing and the shard/shuffle draws never share a stream.
 _TAG_MIX, _TAG_ROUND = 1, 2
@@ -95,11 +96,6 @@ class DataConfig:
             f"must be 0 or divide data.lanes={self.lanes}, got {self.workers}",
         )
         check(self.prefetch >= 1, "prefetch", f"must be >= 1, got {self.prefetch}")
-
-
-def latent_dir(root: Path, tokenizer_id: str) -> Path:
-    """ROOT/latents/<tokenizer-id>: where `encode` writes the latent shards and their manifest."""
-    return Path(root) / "latents" / tokenizer_id
 
 
 def read_manifest(root: Path, tokenizer_id: str, urls: str = "") -> dict:
@@ -146,17 +142,21 @@ class _Source:
     tokenizer_id: str
     channels: int
     domains: tuple[str, ...]
-    mean_C: tuple[float, ...]
-    std_C: tuple[float, ...]
+    norm: LatentNorm
     on_error: str
 
     def read(self, shard: _Shard) -> tuple[list[np.ndarray], int]:
-        """Normalized windows z_TCXYZ (float32) of one shard, and how many samples were skipped.
+        """Normalized windows z_TCXYZ (float32) of one shard, and how many samples were skipped."""
+        samples, skipped = self.read_samples(shard)
+        return [z for z, _ in samples], skipped
+
+    def read_samples(self, shard: _Shard) -> tuple[list[tuple[np.ndarray, dict]], int]:
+        """(normalized window z_TCXYZ float32, meta) of every sample of one shard, and how many were skipped.
 
         Every problem raises a DataError naming the shard and key, unless on_error="skip":
         then a bad sample is dropped, a broken tar drops its unread tail, and both are counted.
         """
-        windows: list[np.ndarray] = []
+        windows: list[tuple[np.ndarray, dict]] = []
         skipped, last_key = 0, None
         pipeline = wds.DataPipeline(
             wds.SimpleShardList([shard.url]), wds.tarfile_to_samples(handler=wds.reraise_exception)
@@ -165,7 +165,8 @@ class _Source:
             for raw in pipeline:
                 last_key = raw.get("__key__", "?")
                 try:
-                    windows.append(self._window(decode_sample(raw, shard.url), shard))
+                    sample = decode_sample(raw, shard.url)
+                    windows.append((self._window(sample, shard), sample["meta.json"]))
                 except DataError:
                     if self.on_error == "raise":
                         raise
@@ -192,7 +193,8 @@ class _Source:
         key = sample["__key__"]
         where = f"{shard.url}: sample '{key}'"
         if "z.npy" not in sample or "meta.json" not in sample:
-            raise DataError(f"{where}: needs members z.npy and meta.json, has {sorted(k for k in sample if not k.startswith('__'))}")
+            members = sorted(k for k in sample if not k.startswith("__"))
+            raise DataError(f"{where}: needs members z.npy and meta.json, has {members}")
         meta = sample["meta.json"]
         if not isinstance(meta, dict) or meta.get("tokenizer_id") != self.tokenizer_id:
             found = meta.get("tokenizer_id") if isinstance(meta, dict) else meta
@@ -200,14 +202,12 @@ class _Source:
         if meta.get("domain") != shard.domain:
             raise DataError(f"{where}: meta domain '{meta.get('domain')}' but the manifest says '{shard.domain}'")
         z_TCXYZ = sample["z.npy"]
-        expected = (self.channels, LATENT_GRID, LATENT_GRID, LATENT_GRID)
+        expected = (self.channels, LATENT, LATENT, LATENT)
         if z_TCXYZ.ndim != 5 or z_TCXYZ.shape[1:] != expected or z_TCXYZ.shape[0] < 2:
             raise DataError(f"{where}: z.npy has shape {z_TCXYZ.shape}, expected [T>=2, {', '.join(map(str, expected))}]")
         if z_TCXYZ.dtype not in (np.float32, np.float16):
             raise DataError(f"{where}: z.npy has dtype {z_TCXYZ.dtype}, expected float32 or float16")
-        mean_C, std_C = np.asarray(self.mean_C, np.float32), np.asarray(self.std_C, np.float32)
-        mean, std = mean_C[None, :, None, None, None], std_C[None, :, None, None, None]
-        return np.ascontiguousarray((z_TCXYZ.astype(np.float32) - mean) / std)
+        return np.ascontiguousarray(self.norm.normalize(z_TCXYZ.astype(np.float32)))
 
 
 def _pairs(windows: list[np.ndarray]) -> list[tuple[int, int]]:
@@ -359,8 +359,7 @@ def _source(manifest: dict, cfg: DataConfig, tokenizer_id: str) -> _Source:
         raise DataError(f"latent manifest: stats.std must be > 0, got {stats['std']}")
     return _Source(
         tokenizer_id=tokenizer_id, channels=channels, domains=tuple(manifest["domains"]),
-        mean_C=tuple(float(m) for m in stats["mean"]), std_C=tuple(float(s) for s in stats["std"]),
-        on_error=cfg.on_error,
+        norm=LatentNorm.from_stats(stats), on_error=cfg.on_error,
     )
 
 
@@ -470,6 +469,15 @@ class LatentStream:
             raise DataError(f"loader state: lane_states must list lanes 0..{self.cfg.lanes - 1}")
         self._batches = int(state["batches"])
         self._lane_states = [dict(s, rounds=[list(r) for r in s["rounds"]]) for s in lane_states]
+
+
+def split_samples(cfg: DataConfig, root: Path, tokenizer_id: str, split: str) -> Iterator[tuple[np.ndarray, dict]]:
+    """Every sample of `split` in manifest order, read with the training stream's checks (tokenizer id,
+    domain, shape, dtype, count against the manifest) and normalization: (z_TCXYZ float32, meta)."""
+    manifest = read_manifest(root, tokenizer_id, cfg.urls)
+    source = _source(manifest, cfg, tokenizer_id)
+    for shard in _split_shards(manifest, cfg, root, tokenizer_id, split):
+        yield from source.read_samples(shard)[0]
 
 
 def eval_batches(cfg: DataConfig, root: Path, tokenizer_id: str, split: str, batch_size: int,

@@ -1,2 +1,2 @@
-"""Evaluation of pretrained runs: `metrics.py` (pure field metrics), `routing.py` (route/* report),
-`plots.py` (figures), `evaluate.py` (`shodh evaluate`), `config.py` (the `eval.*` section)."""
+"""Evaluation of pretrained runs: `routing.py` (route/* report), `plots.py` (figures),
+`evaluate.py` (`shodh evaluate`), `config.py` (the `eval.*` section)."""

@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from shodh.errors import check
-
-SPLITS = ("val", "test")
+from shodh.workspace import HELD_OUT
 
 
 @dataclass
@@ -19,9 +18,9 @@ class EvalConfig:
     in_training: bool = False  # decoded val metrics at every pretraining validation (needs ROOT/tokenizer)
 
     def validate(self) -> None:
-        check(len(self.splits) >= 1 and all(s in SPLITS for s in self.splits)
+        check(len(self.splits) >= 1 and all(s in HELD_OUT for s in self.splits)
               and len(set(self.splits)) == len(self.splits), "splits",
-              f"must list distinct splits out of {list(SPLITS)}, got {self.splits}")
+              f"must list distinct splits out of {list(HELD_OUT)}, got {self.splits}")
         for name in ("rollout_steps", "trajectories", "threads"):
             check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
         check(self.batch >= 1, "batch", f"must be >= 1, got {self.batch}")

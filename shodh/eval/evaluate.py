@@ -22,7 +22,7 @@ Metric names (DESIGN.md, plus the ones this stage adds), <s> = split, <d> = doma
   route/* as in training plus route/layer<l>/bifurcation/<d>.
 
 Shape legend: B batch, T frames of a trajectory, C latent channels (or 3 velocity components),
-X Y Z grid, K spectral shells.
+X Y Z grid, S spectral shells (the project's legend, shodh/fields).
 """
 
 from __future__ import annotations
@@ -38,14 +38,16 @@ import torch
 import yaml
 
 from shodh.config import RunConfig, from_dict
-from shodh.data.loader import latent_dir, read_manifest
-from shodh.data.shards import iter_shard, write_json_atomic
+from shodh.data.loader import DataConfig, read_manifest, split_samples
 from shodh.errors import DataError, ShodhError
-from shodh.eval import metrics as M
 from shodh.eval import plots
 from shodh.eval.routing import route_metrics
+from shodh.fields import metrics as M
+from shodh.fields.normalization import LatentNorm
+from shodh.fields.spectral import divergence_stats
+from shodh.io import iter_shard, write_json_atomic
 from shodh.model.moe import router_inputs
-from shodh.tokenizer import operators
+from shodh.workspace import latent_dir, resolve_run_dir, resolve_tokenizer_id
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +63,6 @@ class Trajectory:
     mask_XYZ: torch.Tensor  # solid mask, static per trajectory
 
 
-def resolve_run_dir(run: str, root: Path, experiment: str) -> Path:
-    """--run is a run directory, or a run name under ROOT/runs/<experiment>/."""
-    for candidate in (Path(run), Path(root) / "runs" / experiment / run):
-        if (candidate / "config.yaml").is_file():
-            return candidate
-    raise ShodhError(f"--run {run}: no run directory with a config.yaml there nor under "
-                     f"{Path(root) / 'runs' / experiment}; pass the directory `shodh pretrain` printed")
-
-
 def load_run_config(run_dir: Path) -> RunConfig:
     path = run_dir / "config.yaml"
     try:
@@ -79,19 +72,16 @@ def load_run_config(run_dir: Path) -> RunConfig:
     return from_dict(RunConfig, data)
 
 
-def _latent_windows(manifest: dict, root: Path, tokenizer_id: str, split: str) -> dict[tuple[str, int], dict[int, np.ndarray]]:
-    """Raw latent windows of a split: {(domain, trajectory): {t0: z [T, C, 16, 16, 16]}}."""
+def _latent_windows(data: DataConfig, root: Path, tokenizer_id: str,
+                    split: str) -> dict[tuple[str, int], dict[int, np.ndarray]]:
+    """Normalized latent windows of a split, read with the loader's checks:
+    {(domain, trajectory): {t0: z [T, C, 16, 16, 16]}}."""
     out: dict[tuple[str, int], dict[int, np.ndarray]] = defaultdict(dict)
-    for shard in manifest["shards"]:
-        if shard["split"] != split:
-            continue
-        path = latent_dir(root, tokenizer_id) / shard["path"]
-        for sample in iter_shard(path):
-            meta = sample.get("meta.json")
-            if not isinstance(meta, dict) or "z.npy" not in sample or not {"domain", "trajectory", "t0"} <= set(meta):
-                raise DataError(f"{path}: sample '{sample['__key__']}' needs z.npy and meta.json with domain, "
-                                f"trajectory, t0")
-            out[(meta["domain"], int(meta["trajectory"]))][int(meta["t0"])] = sample["z.npy"]
+    for z_TCXYZ, meta in split_samples(data, root, tokenizer_id, split):
+        if not {"trajectory", "t0"} <= set(meta):
+            raise DataError(f"{latent_dir(root, tokenizer_id) / split}: a {meta['domain']} sample's meta.json lacks "
+                            f"trajectory or t0")
+        out[(meta["domain"], int(meta["trajectory"]))][int(meta["t0"])] = z_TCXYZ
     return out
 
 
@@ -135,10 +125,7 @@ def load_trajectories(manifest: dict, root: Path, tokenizer_id: str, grid: int, 
     from shodh.tokenizer.data import load_raw_manifest
 
     raw_manifest = load_raw_manifest(root, grid)
-    stats = manifest["stats"]
-    mean_C = np.asarray(stats["mean"], np.float32)[:, None, None, None]
-    std_C = np.asarray(stats["std"], np.float32)[:, None, None, None]
-    windows = _latent_windows(manifest, root, tokenizer_id, split)
+    windows = _latent_windows(DataConfig(), root, tokenizer_id, split)
     out = []
     for domain in manifest["domains"]:
         ids = sorted(i for d, i in windows if d == domain)
@@ -150,7 +137,7 @@ def load_trajectories(manifest: dict, root: Path, tokenizer_id: str, grid: int, 
             if missing:
                 raise DataError(f"{shard}: frames {missing} are in the latents but not in the raw shard")
             u_TCXYZ = np.stack([u_by_frame[t] for t in range(t0, t0 + len(z_TCXYZ))])
-            out.append(Trajectory(domain, index, torch.from_numpy((z_TCXYZ.astype(np.float32) - mean_C) / std_C),
+            out.append(Trajectory(domain, index, torch.from_numpy(z_TCXYZ),
                                   torch.from_numpy(u_TCXYZ).double(), torch.from_numpy(mask.astype(np.float32))))
     if not out:
         raise DataError(f"{latent_dir(root, tokenizer_id)}: no latents for split '{split}'")
@@ -163,8 +150,7 @@ class Evaluator:
     def __init__(self, model: torch.nn.Module, tokenizer, stats: dict, batch: int, device: torch.device,
                  dtype: torch.dtype):
         self.model, self.tok, self.batch, self.device, self.dtype = model, tokenizer, batch, device, dtype
-        self.mean_C = torch.tensor(stats["mean"], dtype=torch.float32).view(-1, 1, 1, 1)
-        self.std_C = torch.tensor(stats["std"], dtype=torch.float32).view(-1, 1, 1, 1)
+        self.latent_norm = LatentNorm.from_stats(stats)
 
     @torch.no_grad()
     def predict(self, z_BCXYZ: torch.Tensor, telemetry=None, domain_id: int = 0) -> torch.Tensor:
@@ -186,7 +172,7 @@ class Evaluator:
         """Normalized latents -> physical velocity, float64 [B, 3, N, N, N] (on the CPU)."""
         out = []
         for chunk in z_BCXYZ.split(self.batch):
-            raw = chunk * self.std_C + self.mean_C  # the tokenizer decodes unnormalized encoder output
+            raw = self.latent_norm.denormalize(chunk)  # the tokenizer decodes unnormalized encoder output
             masks = mask_XYZ.expand(len(chunk), *mask_XYZ.shape)
             out.append(self.tok.decode(raw, masks, domain).cpu())
         return torch.cat(out)
@@ -199,7 +185,7 @@ def _one_step(ev: Evaluator, traj: Trajectory, domain_id: int, telemetry) -> dic
     u_true = traj.u_TCXYZ[1:]
     u_pred = ev.decode(z_pred, traj.mask_XYZ, traj.domain)
     u_ae = ev.decode(z_true, traj.mask_XYZ, traj.domain)
-    div = operators.divergence_stats(u_pred, ev.tok.operator)  # the audit's operator and measure
+    div = divergence_stats(u_pred, ev.tok.operator)  # the audit's operator and measure
     return {
         "latent_mse": M.mse_B(z_pred.double(), z_true.double()),
         "decoded_mse": M.mse_B(u_pred, u_true),
@@ -210,8 +196,8 @@ def _one_step(ev: Evaluator, traj: Trajectory, domain_id: int, telemetry) -> dic
         "ae_floor_vrmse": M.vrmse_BC(u_ae, u_true).mean(-1),
         "divergence_max": div["max_abs"],
         "divergence_rel": div["rel_max"],
-        "spectrum_true_K": M.energy_spectrum_BK(u_true).mean(0),
-        "spectrum_pred_K": M.energy_spectrum_BK(u_pred).mean(0),
+        "spectrum_true_S": M.energy_spectrum_BS(u_true).mean(0),
+        "spectrum_pred_S": M.energy_spectrum_BS(u_pred).mean(0),
         "slice": (u_true[0], u_pred[0]),
     }
 
@@ -248,8 +234,8 @@ def evaluate_split(ev: Evaluator, trajectories: list[Trajectory], split: str, do
         acc["spectrum_B3"].append(s["spectrum_B3"])
         acc["divergence_max"].append(s["divergence_max"])
         acc["divergence_rel"].append(s["divergence_rel"])
-        acc["spectrum_true"].append((s["spectrum_true_K"], len(traj.z_TCXYZ) - 1))
-        acc["spectrum_pred"].append((s["spectrum_pred_K"], len(traj.z_TCXYZ) - 1))
+        acc["spectrum_true"].append((s["spectrum_true_S"], len(traj.z_TCXYZ) - 1))
+        acc["spectrum_pred"].append((s["spectrum_pred_S"], len(traj.z_TCXYZ) - 1))
         figures["slices"].setdefault(traj.domain, s["slice"])
         if rollout_steps is not None:
             steps = min(rollout_steps or len(traj.z_TCXYZ) - 1, len(traj.z_TCXYZ) - 1)
@@ -281,70 +267,12 @@ def evaluate_split(ev: Evaluator, trajectories: list[Trajectory], split: str, do
     return out, figures
 
 
-def decoded_validation(cfg: RunConfig, root: Path, tokenizer_id: str, model: torch.nn.Module,
-                       device: torch.device, dtype: torch.dtype):
-    """For pretraining (`eval.in_training`): a callable returning the val split's decoded one-step
-    metrics (`val/<domain>/vrmse`, `decoded_mse`, `nrmse`, `spectrum_err*`, `divergence_*`, the
-    autoencoder floor) for the model as it is now. Every rank calls it in lockstep on the same
-    trajectories, as an MoE all-to-all needs; `val/<domain>/latent_mse` stays with the loader's
-    validation, so each metric has one source."""
-    from shodh.model.moe import no_token_dropping
-    from shodh.tokenizer import load_tokenizer
-
-    manifest = read_manifest(root, tokenizer_id)
-    tok = load_tokenizer(root, device=device)
-    if tok.id != tokenizer_id:
-        raise DataError(f"{root / 'tokenizer'}: tokenizer {tok.id} is not the one these latents come from ({tokenizer_id})")
-    trajectories = load_trajectories(manifest, root, tokenizer_id, tok.grid, "val", cfg.eval.trajectories)
-    ev = Evaluator(model, tok, manifest["stats"], cfg.eval.batch, device, dtype)
-
-    def run() -> dict[str, float]:
-        was_training = model.training
-        model.eval()
-        try:
-            with no_token_dropping(model):
-                metrics, _ = evaluate_split(ev, trajectories, "val", list(manifest["domains"]))
-        finally:
-            model.train(was_training)
-        return {k: v for k, v in metrics.items() if not k.endswith("/latent_mse")}
-
-    return run
-
-
-def load_model(run_cfg: RunConfig, run_dir: Path, channels: int, tag: str | None = None):
-    """The run's latest checkpoint (or checkpoint `tag`) in this single process: (model in eval
-    mode, step, device, dtype).
-
-    Built and loaded by pretraining's own code (DeepSpeed engine, weights-only restore); experts
-    are stored per global index, so a run trained with expert parallelism loads here at ep_size=1."""
-    from shodh.distributed import dist_info
-    from shodh.train import checkpoint
-    from shodh.train.engine import build_engine, check_layout, init_distributed, load_ds_config
-
-    ckpt_dir = run_dir / "checkpoints"
-    model_cfg = dataclasses.replace(run_cfg.model, ep_size=1)
-    info = dist_info()
-    if info.world_size != 1:
-        raise ShodhError(f"evaluate runs in one process; this environment says world size {info.world_size}")
-    layout = check_layout(model_cfg, run_cfg.train, info)
-    found = checkpoint.inspect(ckpt_dir, {"world_size": 1, "ep_size": 1}, "weights")
-    if found is None:
-        raise ShodhError(f"{ckpt_dir}: no complete checkpoint (no '{checkpoint.LATEST}'); pretraining writes one "
-                         f"every train.ckpt_every steps and at the end")
-    ds_config = load_ds_config(run_cfg.train, layout)
-    init_distributed(info)
-    engine, model = build_engine(model_cfg, run_cfg.train, layout, ds_config, channels, run_cfg.seed)
-    resumed = checkpoint.restore(engine, ckpt_dir, tag or found[0], 0, "weights")
-    dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
-    return engine.module.eval(), resumed.step, engine.device, dtype
-
-
 def evaluate(cfg: RunConfig, root: Path, run: str) -> dict:
     """Evaluate run `run` (directory or name); log metrics and artifacts; return the summary."""
     from shodh.model.moe import RoutingTelemetry, no_token_dropping
     from shodh.tokenizer import load_tokenizer
     from shodh.tracking import Tracker
-    from shodh.train.loop import resolve_tokenizer_id, routing_heatmap
+    from shodh.train.checkpoint import load_for_inference
 
     t_start = time.perf_counter()
     if cfg.eval.threads:
@@ -352,13 +280,13 @@ def evaluate(cfg: RunConfig, root: Path, run: str) -> dict:
     root = Path(root)
     run_dir = resolve_run_dir(run, root, cfg.tracking.experiment)
     run_cfg = load_run_config(run_dir)
-    tokenizer_id = resolve_tokenizer_id(run_cfg, root)
+    tokenizer_id = resolve_tokenizer_id(root, run_cfg.train.tokenizer_id)
     if run_cfg.data.urls:
         raise ShodhError(f"{run_dir / 'config.yaml'}: data.urls={run_cfg.data.urls!r}; evaluate reads the latents "
                          f"from {latent_dir(root, tokenizer_id)} (copy them there)")
     manifest = read_manifest(root, tokenizer_id)
     domains = list(manifest["domains"])
-    model, step, device, dtype = load_model(run_cfg, run_dir, int(manifest["channels"]))
+    model, step, device, dtype = load_for_inference(run_cfg, run_dir, int(manifest["channels"]))
     tok = load_tokenizer(root, device=device)
     if tok.id != tokenizer_id:
         raise DataError(f"{root / 'tokenizer'}: tokenizer {tok.id} is not the one run {run_dir.name} was trained on "
@@ -392,8 +320,8 @@ def evaluate(cfg: RunConfig, root: Path, run: str) -> dict:
     ]
     if telemetry is not None:
         results.update(route_metrics(telemetry))
-        routing_heatmap(telemetry, out_dir / "routing.png")
-        artifacts.append(out_dir / "routing.png")
+        artifacts.append(plots.routing_heatmap(telemetry.counts_KLE, domains, [m.layer for m in telemetry.layers],
+                                               out_dir / "routing.png"))
         telemetry.close()
     summary = {
         "run": run_dir.name, "run_dir": str(run_dir.resolve()), "step": step, "model": run_cfg.model.kind,

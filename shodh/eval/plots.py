@@ -1,7 +1,7 @@
 """Evaluation figures (PNG, matplotlib Agg): training curves, rollouts, spectra, mid-plane slices.
 
 Each function takes plain arrays, writes one file and returns its path. The routing heatmap is
-pretraining's `shodh.train.loop.routing_heatmap`, so both stages draw it the same way.
+drawn here for both evaluation and pretraining (through shodh.eval.callbacks), so both draw it alike.
 """
 
 from __future__ import annotations
@@ -77,10 +77,10 @@ def spectra(spectra_by_domain: dict[str, tuple[np.ndarray, np.ndarray]], path: P
     domains = list(spectra_by_domain)
     fig, axes = plt.subplots(1, max(1, len(domains)), figsize=(4.5 * max(1, len(domains)), 3.5), squeeze=False)
     for ax, domain in zip(axes[0], domains):
-        true_K, pred_K = spectra_by_domain[domain]
-        k = np.arange(1, len(true_K))  # shell 0 is the mean flow: not on a log axis
-        ax.loglog(k, true_K[1:], label="truth")
-        ax.loglog(k, pred_K[1:], ls="--", label="prediction")
+        true_S, pred_S = spectra_by_domain[domain]
+        k = np.arange(1, len(true_S))  # shell 0 is the mean flow: not on a log axis
+        ax.loglog(k, true_S[1:], label="truth")
+        ax.loglog(k, pred_S[1:], ls="--", label="prediction")
         ax.set(xlabel="wavenumber |k|", ylabel="E(k)", title=domain)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -109,3 +109,20 @@ def slices(slices_by_domain: dict, path: Path, component: int = 0) -> Path:
             fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def routing_heatmap(counts_KLE, domains: list[str], layers: list[int], path: Path) -> Path:
+    """Domain x expert fractions of routed tokens, one panel per MoE layer: counts [K, L, E]."""
+    frac_KLE = counts_KLE / counts_KLE.sum(-1, keepdim=True).clamp_min(1)
+    fig, axes = plt.subplots(1, len(layers), figsize=(3 + 2 * len(layers), 2.5), squeeze=False)
+    for l, layer in enumerate(layers):
+        ax = axes[0, l]
+        im = ax.imshow(frac_KLE[:, l].numpy(), vmin=0, vmax=1, cmap="viridis")
+        ax.set_title(f"layer {layer}")
+        ax.set_xlabel("expert")
+        ax.set_yticks(range(len(domains)), domains)
+    fig.colorbar(im, ax=axes.ravel().tolist(), label="fraction of domain tokens")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

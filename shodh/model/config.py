@@ -6,8 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from shodh.errors import check
-
-LATENT_GRID = 16  # latent voxels per axis (DESIGN.md: z is [C, 16, 16, 16])
+from shodh.workspace import LATENT
 
 
 @dataclass
@@ -34,7 +33,7 @@ class ModelConfig:
     router_domains: int = 2  # oracle only: number of domain labels (the manifest's domains)
 
     def validate(self) -> None:
-        check(self.patch > 0 and LATENT_GRID % self.patch == 0, "patch", f"must divide {LATENT_GRID}, got {self.patch}")
+        check(self.patch > 0 and LATENT % self.patch == 0, "patch", f"must divide {LATENT}, got {self.patch}")
         check(self.dim > 0 and self.heads > 0 and self.dim % self.heads == 0, "dim",
               f"must be a positive multiple of heads={self.heads}, got {self.dim}")
         check(self.depth > 0, "depth", f"must be > 0, got {self.depth}")
@@ -54,7 +53,7 @@ class ModelConfig:
 
     @property
     def tokens(self) -> int:
-        return (LATENT_GRID // self.patch) ** 3
+        return (LATENT // self.patch) ** 3
 
     def is_moe_block(self, i: int) -> bool:
         return self.kind == "moe" and (i + 1) % self.moe_every == 0

@@ -5,8 +5,8 @@ dropping, the all-to-all between expert-parallel ranks and the Switch aux loss a
 This module adds what DeepSpeed leaves to the caller: independent expert initialization (its
 experts are deep copies of one module), the aux-loss hand-off, no-drop evaluation, and telemetry.
 
-Shape legend: B batch, N tokens per sample, S = B*N tokens in one gate call, D model width,
-H FFN width, E experts, K domains, L MoE layers.
+Shape legend (the project's, shodh/__init__.py): B batch, N tokens per sample, G = B*N gate inputs
+(tokens in one gate call), D model width, F FFN width, E experts, K domains, L MoE layers.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from deepspeed.moe.sharded_moe import TopKGate, top1gating
 from torch import nn
 
 from shodh.errors import ShodhError
+from shodh.model import params
 
 
 class MLP(nn.Module):
@@ -70,33 +71,33 @@ class FixedGate(TopKGate):
         self.register_buffer("slot_N", torch.randperm(tokens, generator=gen), persistent=False)
         self.domain_B: torch.Tensor | None = None
 
-    def expert_S(self, S: int) -> torch.Tensor:
-        """The expert of each of the S = B*N gate inputs (DeepSpeed flattens [B, N] batch-major): [S]."""
-        slot_S = einops.repeat(self.slot_N % self.block, "n -> (b n)", b=S // self.tokens)
+    def expert_G(self, G: int) -> torch.Tensor:
+        """The expert of each of the G = B*N gate inputs (DeepSpeed flattens [B, N] batch-major): [G]."""
+        slot_G = einops.repeat(self.slot_N % self.block, "n -> (b n)", b=G // self.tokens)
         if self.router == "hash":
-            return slot_S
+            return slot_G
         if self.domain_B is None:
             raise ShodhError("model.router=oracle: this forward got no domain labels (pass "
                              "moe.router_inputs(cfg, domain_B) to the model)")
-        domain_S = einops.repeat(self.domain_B.to(self.slot_N.device), "b -> (b n)", n=self.tokens)
-        return domain_S * self.block + slot_S
+        domain_G = einops.repeat(self.domain_B.to(self.slot_N.device), "b -> (b n)", n=self.tokens)
+        return domain_G * self.block + slot_G
 
-    def logits_SE(self, x_SD: torch.Tensor) -> torch.Tensor:
-        expert_S = self.expert_S(x_SD.shape[0]).to(x_SD.device)
-        return F.one_hot(expert_S, self.wg.out_features).float() * ROUTE_LOGIT
+    def logits_GE(self, x_GD: torch.Tensor) -> torch.Tensor:
+        expert_G = self.expert_G(x_GD.shape[0]).to(x_GD.device)
+        return F.one_hot(expert_G, self.wg.out_features).float() * ROUTE_LOGIT
 
     def forward(self, input: torch.Tensor, used_token: torch.Tensor | None = None, sparse_routes: bool = False,
                 use_tutel: bool = False):
         capacity_factor = self.capacity_factor if self.training else self.eval_capacity_factor
-        return top1gating(self.logits_SE(input), capacity_factor, self.min_capacity, used_token, None,
+        return top1gating(self.logits_GE(input), capacity_factor, self.min_capacity, used_token, None,
                           self.drop_tokens, self.use_rts, self.ep_group, sparse_routes, use_tutel)
 
 
-def gate_logits_SE(gate: nn.Module, x_SD: torch.Tensor) -> torch.Tensor:
-    """Noise-free router logits of gate inputs [S, D] -> [S, E]: W_g·x, or a fixed router's decision."""
+def gate_logits_GE(gate: nn.Module, x_GD: torch.Tensor) -> torch.Tensor:
+    """Noise-free router logits of gate inputs [G, D] -> [G, E]: W_g·x, or a fixed router's decision."""
     if isinstance(gate, FixedGate):
-        return gate.logits_SE(x_SD)
-    return F.linear(x_SD.float(), gate.wg.weight.float())
+        return gate.logits_GE(x_GD)
+    return F.linear(x_GD.float(), gate.wg.weight.float())
 
 
 def router_inputs(router: str, domain_B: torch.Tensor) -> dict:
@@ -130,6 +131,11 @@ class MoEFFN(nn.Module):
                                                     seed * 1_000_003 + layer)
         with torch.no_grad():
             self.moe.deepspeed_moe.gate.wg.weight.normal_(0.0, std)
+        params.tag(self.moe.deepspeed_moe.experts, "expert")
+        params.tag(self.moe.deepspeed_moe.gate, "router")
+        if shared_expert:  # DeepSpeed's residual MoE: `mlp` is the shared expert, `coefficient` mixes it in
+            params.tag(self.moe.mlp, "shared_expert")
+            params.tag(self.moe.coefficient, "router")
 
     @property
     def gate(self) -> nn.Module:
@@ -199,16 +205,16 @@ class RoutingTelemetry:
         def hook(gate: nn.Module, inputs: tuple, outputs: tuple) -> None:
             if self._domain_B is None:
                 return  # a forward outside labels() (e.g. FLOP counting) is not telemetry
-            x_SD = inputs[0]
+            x_GD = inputs[0]
             with torch.no_grad():
-                logits_SE = gate_logits_SE(gate, x_SD)
-                logp_SE = torch.log_softmax(logits_SE, dim=-1)
-                entropy = -(logp_SE.exp() * logp_SE).sum().item()
-                choice_S = logits_SE.argmax(dim=-1).cpu()
+                logits_GE = gate_logits_GE(gate, x_GD)
+                logp_GE = torch.log_softmax(logits_GE, dim=-1)
+                entropy = -(logp_GE.exp() * logp_GE).sum().item()
+                choice_G = logits_GE.argmax(dim=-1).cpu()
                 dropped = int((outputs[3] < 0).sum())
-            tokens_per_sample = x_SD.shape[0] // self._domain_B.shape[0]
-            domain_S = einops.repeat(self._domain_B, "b -> (b n)", n=tokens_per_sample)
-            flat = domain_S * self.num_experts + choice_S
+            tokens_per_sample = x_GD.shape[0] // self._domain_B.shape[0]
+            domain_G = einops.repeat(self._domain_B, "b -> (b n)", n=tokens_per_sample)
+            flat = domain_G * self.num_experts + choice_G
             hist = torch.bincount(flat, minlength=len(self.domains) * self.num_experts).double()
             self.counts_KLE[:, index] += einops.rearrange(hist, "(k e) -> k e", e=self.num_experts)
             self.dropped_L[index] += dropped

@@ -8,21 +8,24 @@ MLPs everywhere: `dense_active` at the MoE's active width, `dense_total` at its 
 The domain label is never an input: whatever specialization the router finds, it finds from z.
 (Sole exception, a study control: model.router=oracle hands it to the router, nothing else.)
 
-Shape legend: B batch, C latent channels, X/Y/Z latent grid (16 each), N tokens per sample,
-P = C*p^3 values per patch, D model width, T heads, A head width, H FFN width.
+Shape legend (the project's, shodh/__init__.py): B batch, C latent channels, X/Y/Z latent grid (16 each),
+N tokens per sample, P = C*p^3 values per patch, D model width, M heads, A head width, F FFN width.
 """
 
 from __future__ import annotations
 
 import math
+
 import einops
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from shodh.errors import ShodhError
-from shodh.model.config import LATENT_GRID, ModelConfig
+from shodh.model import params
+from shodh.model.config import ModelConfig
 from shodh.model.moe import MLP, MoEFFN, init_mlp
+from shodh.workspace import LATENT
 
 
 class Attention(nn.Module):
@@ -33,10 +36,10 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=False)
 
     def forward(self, x_BND: torch.Tensor) -> torch.Tensor:
-        q_BTNA, k_BTNA, v_BTNA = einops.rearrange(self.qkv(x_BND), "b n (three t a) -> three b t n a",
-                                                  three=3, t=self.heads)
-        o_BTNA = F.scaled_dot_product_attention(q_BTNA, k_BTNA, v_BTNA)
-        return self.proj(einops.rearrange(o_BTNA, "b t n a -> b n (t a)"))
+        q_BMNA, k_BMNA, v_BMNA = einops.rearrange(self.qkv(x_BND), "b n (three m a) -> three b m n a",
+                                                  three=3, m=self.heads)
+        o_BMNA = F.scaled_dot_product_attention(q_BMNA, k_BMNA, v_BMNA)
+        return self.proj(einops.rearrange(o_BMNA, "b m n a -> b n (m a)"))
 
 
 class Block(nn.Module):
@@ -45,6 +48,9 @@ class Block(nn.Module):
         std, out_std = 0.02, 0.02 / math.sqrt(2 * cfg.depth)  # GPT-2: residual writes shrink with depth
         self.norm1, self.norm2 = nn.LayerNorm(cfg.dim), nn.LayerNorm(cfg.dim)
         self.attn = Attention(cfg.dim, cfg.heads)
+        params.tag(self.norm1, "norm")
+        params.tag(self.norm2, "norm")
+        params.tag(self.attn, "attention")
         with torch.no_grad():
             self.attn.qkv.weight.normal_(0.0, std)
             self.attn.proj.weight.normal_(0.0, out_std)
@@ -58,6 +64,7 @@ class Block(nn.Module):
         else:
             self.ffn = MLP(cfg.dim, cfg.dense_ffn_dim())
             init_mlp(self.ffn, std, out_std)
+            params.tag(self.ffn, "dense_ffn")
 
     def forward(self, x_BND: torch.Tensor, domain_B: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         x_BND = x_BND + self.attn(self.norm1(x_BND))
@@ -73,7 +80,7 @@ class LatentTransformer(nn.Module):
     def __init__(self, cfg: ModelConfig, channels: int, seed: int = 0, expert_offset: int = 0):
         super().__init__()
         self.cfg, self.channels = cfg, channels
-        n = LATENT_GRID // cfg.patch
+        n = LATENT // cfg.patch
         self.n_axis = n
         patch_values = channels * cfg.patch**3
         self.embed = nn.Linear(patch_values, cfg.dim)
@@ -86,6 +93,11 @@ class LatentTransformer(nn.Module):
             self.embed.bias.zero_()
             self.head.weight.normal_(0.0, 0.02)
             self.head.bias.zero_()
+        params.tag(self.embed, "embedding")
+        for table in (self.pos_x, self.pos_y, self.pos_z):
+            params.tag(table, "position")
+        params.tag(self.norm, "norm")
+        params.tag(self.head, "head")
 
     def position_ND(self) -> torch.Tensor:
         return einops.rearrange(self.pos_x[:, None, None] + self.pos_y[None, :, None] + self.pos_z[None, None, :],
@@ -110,26 +122,6 @@ class LatentTransformer(nn.Module):
         delta_BCXYZ = einops.rearrange(delta_BNP, "b (x y z) (p q r c) -> b c (x p) (y q) (z r)",
                                        x=n, y=n, z=n, p=p, q=p, r=p)
         return z_BCXYZ + delta_BCXYZ.to(z_BCXYZ.dtype), aux
-
-
-def count_params(model: nn.Module) -> dict[str, int]:
-    """total: every parameter of the full model (all E experts, not just this rank's);
-    active: the ones one token passes through (one routed expert per MoE layer);
-    router: gate weights plus the residual-MoE mixing coefficients (absent from dense models)."""
-    cfg: ModelConfig = model.cfg
-    total = active = router = 0
-    for name, p in model.named_parameters():
-        n = p.numel()
-        if ".deepspeed_experts." in name:
-            local = cfg.num_experts // cfg.ep_size
-            total += n * cfg.num_experts // local  # this rank holds E/ep_size of the E experts
-            active += n // local
-            continue
-        total += n
-        active += n
-        if ".gate.wg." in name or ".coefficient." in name:
-            router += n
-    return {"total": total, "active": active, "router": router}
 
 
 def forward_flops_per_token(cfg: ModelConfig, channels: int) -> int:

@@ -1,7 +1,7 @@
 """The two physics regimes: open-channel turbulence and flow through a random sphere packing.
 
 Both live in the periodic box of `solver.py` (side L = 2π, N^3 points); solids are Brinkman
-penalized. Shape legend as in solver.py (C, X, Y, Z).
+penalized. Shape legend: the project's (shodh/fields; here C, X, Y, Z).
 
 channel: a wall slab centred on z = 0 (no-slip by penalization) and mirror symmetry about
   z = L/2 (free-slip surface), driven by a constant mean pressure gradient G e_x. The box holds
@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from shodh.errors import ShodhError, check
-from shodh.physics.solver import NavierStokes, SpectralGrid
+from shodh.fields.spectral import SpectralGrid
+from shodh.physics.solver import NavierStokes
 
 
 @dataclass
@@ -166,7 +167,7 @@ def sphere_packing(cfg: PorousConfig, grid: SpectralGrid, rng: np.random.Generat
         radii.append(rng.uniform(*cfg.radius) * length)
     radii_M = np.array(radii)
     centers_M3 = rng.uniform(0, length, size=(len(radii), 3))
-    scale = 1.0
+    scale, porosity = 1.0, target  # porosity: measured by each attempt, read by the next
     for attempt in range(3):
         if attempt:
             scale *= ((1 - target) / max(1 - porosity, 1e-6)) ** (1 / 3)

@@ -23,17 +23,37 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from shodh.data.shards import AtomicShardWriter, read_json, sha256_file, sha256_json, write_atomic, write_json_atomic
 from shodh.errors import DataError, ShodhError, check
+from shodh.fields.spectral import SpectralGrid, resample
+from shodh.io import (
+    AtomicShardWriter,
+    collect_parts,
+    moments,
+    read_json,
+    sha256_file,
+    sha256_json,
+    split_counts,
+    write_atomic,
+    write_json_atomic,
+)
 from shodh.physics import domains as physics_domains
 from shodh.physics.domains import ChannelConfig, PorousConfig
-from shodh.physics.solver import NavierStokes, SpectralGrid, resample
+from shodh.physics.solver import NavierStokes
+from shodh.workspace import (
+    LATENT,
+    SPLITS,
+    part_file,
+    raw_dir,
+    raw_manifest_path,
+    shard_file,
+    spinup_paths,
+    trajectory_name,
+)
 
 log = logging.getLogger(__name__)
 
 SOLVER_VERSION = "shodh-ns-1 (pseudo-spectral, IF-SSP-RK3, 2/3 dealiasing, split Brinkman)"
 MANIFEST_FORMAT = "shodh-raw-1"
-SPLITS = ("train", "val", "test")
 DOMAIN_CODES = {"channel": 1, "porous": 2}  # stable seeds, independent of list order
 Domain = Literal["channel", "porous"]
 
@@ -66,9 +86,10 @@ class SimConfig:
     porous: PorousConfig = field(default_factory=PorousConfig)
 
     def validate(self) -> None:
-        ratio = self.grid // 16
-        check(self.grid >= 16 and self.grid % 16 == 0 and ratio & (ratio - 1) == 0, "grid",
-              f"must be 16 times a power of two (16, 32, 64, 128, ...) so the tokenizer reaches 16^3, got {self.grid}")
+        ratio = self.grid // LATENT
+        check(self.grid >= LATENT and self.grid % LATENT == 0 and ratio & (ratio - 1) == 0, "grid",
+              f"must be {LATENT} times a power of two ({', '.join(str(LATENT * 2**i) for i in range(4))}, ...) so the "
+              f"tokenizer reaches {LATENT}^3, got {self.grid}")
         check(len(self.domains) >= 1 and len(set(self.domains)) == len(self.domains), "domains",
               f"must list distinct domains, got {self.domains}")
         check(self.frames >= 2, "frames", f"must be >= 2 (training needs consecutive frames), got {self.frames}")
@@ -86,7 +107,7 @@ class Trajectory:
 
     @property
     def name(self) -> str:
-        return f"{self.domain}-{self.index:06d}"
+        return trajectory_name(self.domain, self.index)
 
 
 def data_identity(sim: SimConfig, seed: int) -> dict:
@@ -109,16 +130,12 @@ def plan(sim: SimConfig, seed: int) -> list[Trajectory]:
     return out
 
 
-def raw_dir(root: Path) -> Path:
-    return Path(root) / "raw"
-
-
 def shard_path(root: Path, traj: Trajectory) -> Path:
-    return raw_dir(root) / traj.split / f"{traj.name}.tar"
+    return shard_file(raw_dir(root), traj.split, traj.domain, traj.index)
 
 
 def part_path(root: Path, traj: Trajectory) -> Path:
-    return raw_dir(root) / "parts" / f"{traj.name}.json"
+    return part_file(raw_dir(root), traj.domain, traj.index)
 
 
 def _torch_dtype(sim: SimConfig) -> torch.dtype:
@@ -139,11 +156,11 @@ def check_workspace(sim: SimConfig, seed: int, root: Path, overwrite: bool) -> s
     if not raw.exists():
         return sha
     found = []
-    manifest = raw / "manifest.json"
+    manifest = raw_manifest_path(root)
     if manifest.exists():
         found.append((manifest, read_json(manifest, "raw manifest").get("config_sha")))
     found += [(p, read_json(p, "trajectory record").get("config_sha")) for p in sorted((raw / "parts").glob("*.json"))]
-    spin = raw / "spinup" / "channel.json"
+    spin = spinup_paths(root, "channel")[1]
     if spin.exists():
         found.append((spin, read_json(spin, "spin-up record").get("config_sha")))
     stale = [(p, other) for p, other in found if other != sha]
@@ -164,7 +181,7 @@ def check_workspace(sim: SimConfig, seed: int, root: Path, overwrite: bool) -> s
 
 def channel_spinup(sim: SimConfig, seed: int, root: Path, sha: str) -> np.ndarray:
     """The one turbulent state all channel trajectories branch from (cached under raw/spinup/)."""
-    cache, record = raw_dir(root) / "spinup" / "channel.npy", raw_dir(root) / "spinup" / "channel.json"
+    cache, record = spinup_paths(root, "channel")
     if cache.exists() and record.exists() and read_json(record).get("config_sha") == sha:
         return np.load(cache, allow_pickle=False)
     cfg = sim.channel
@@ -294,32 +311,14 @@ def merge_manifest(sim: SimConfig, seed: int, root: Path) -> dict:
     """Collect every trajectory record into raw/manifest.json (train-split statistics)."""
     identity = data_identity(sim, seed)
     sha = sha256_json(identity)
-    records, missing = [], []
-    for traj in plan(sim, seed):
-        part = part_path(root, traj)
-        if not part.exists():
-            missing.append(traj.name)
-            continue
-        record = read_json(part, "trajectory record")
+    parts = [part_path(root, traj) for traj in plan(sim, seed)]
+    records = collect_parts(parts, raw_dir(root))
+    for part, record in zip(parts, records):
         if record.get("config_sha") != sha:
             raise DataError(f"{part}: written by another config ({record.get('config_sha')}, expected {sha})")
-        records.append(record)
-    if missing:
-        raise DataError(f"{raw_dir(root)}: cannot write the manifest, trajectories missing: {', '.join(missing[:8])}"
-                        + (" ..." if len(missing) > 8 else ""))
-    counts: dict = {s: {d: {"trajectories": 0, "samples": 0} for d in sim.domains} for s in SPLITS}
-    stats = {}
-    for record in records:
-        c = counts[record["split"]][record["domain"]]
-        c["trajectories"] += 1
-        c["samples"] += record["samples"]
-    for domain in sim.domains:
-        train = [r for r in records if r["domain"] == domain and r["split"] == "train"]
-        n = sum(r["voxels"] for r in train)
-        mean = np.sum([r["sum"] for r in train], axis=0) / n
-        var = np.sum([r["sumsq"] for r in train], axis=0) / n - mean**2
-        stats[domain] = {"mean": mean.tolist(), "std": np.sqrt(np.maximum(var, 0)).tolist(),
-                         "voxels": n, "split": "train"}
+    counts = split_counts(records, SPLITS, list(sim.domains))
+    stats = {domain: {**moments([r for r in records if r["domain"] == domain and r["split"] == "train"]),
+                      "split": "train"} for domain in sim.domains}
     keep = ("path", "split", "domain", "trajectory", "samples", "sha256", "porosity", "wall_s")
     manifest = {
         "format": MANIFEST_FORMAT, "config_sha": sha, "generator": identity, "grid": sim.grid,
@@ -327,5 +326,5 @@ def merge_manifest(sim: SimConfig, seed: int, root: Path) -> dict:
         "shards": [{k: r[k] for k in keep if k in r} for r in records],
         "counts": counts, "stats": stats,
     }
-    write_json_atomic(raw_dir(root) / "manifest.json", manifest)
+    write_json_atomic(raw_manifest_path(root), manifest)
     return manifest

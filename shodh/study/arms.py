@@ -12,10 +12,30 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 from shodh.config import RunConfig, validate_tree
 from shodh.errors import ConfigError
 from shodh.study.config import StudyConfig
+from shodh.workspace import run_dir, study_child_name
+
+
+def study_name(cfg: RunConfig) -> str:
+    return cfg.study.name or f"{cfg.profile}-study"
+
+
+def study_dir(cfg: RunConfig, root: Path) -> Path:
+    """The study's parent run: ROOT/runs/<experiment>/<study name>/."""
+    return run_dir(root, cfg.tracking.experiment, study_name(cfg))
+
+
+def child_name(cfg: RunConfig, arm: str, seed_index: int) -> str:
+    return study_child_name(study_name(cfg), arm, seed_index)
+
+
+def child_dir(cfg: RunConfig, root: Path, arm: str, seed_index: int) -> Path:
+    """One arm x seed's ordinary run directory, a sibling of the study's."""
+    return run_dir(root, cfg.tracking.experiment, child_name(cfg, arm, seed_index))
 
 
 @dataclass(frozen=True)

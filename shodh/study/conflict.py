@@ -8,12 +8,11 @@ coefficient, shared expert, norms, head, and the dense FFN of dense blocks); rou
 excluded, since a token only reaches its own. The held-out batches come from the study's base
 data config, so every arm and seed is probed on the same samples.
 
-Shape legend: B batch, C latent channels, P parameters of a flattened gradient.
+Shape legend (the project's): B batch, C latent channels, V parameters of a flat gradient.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -23,24 +22,20 @@ import torch.nn.functional as F
 from shodh.config import RunConfig
 from shodh.data.loader import eval_batches
 from shodh.errors import ShodhError
+from shodh.model import params
 from shodh.study.stats import conflict_stats
+from shodh.train.checkpoint import checkpoint_tags, load_for_inference
 
-# Named groups of shared parameters by name fragment (embeddings by prefix); the rest shared is "other".
-GROUPS = {
-    "attention": (".attn.",),
-    "router": (".gate.wg.", ".coefficient."),
-    "shared_expert": (".moe.mlp.",),
-    "dense_ffn": (".ffn.fc",),
-}
+# Reported groups of shared parameters, from the model's parameter tags (shodh.model.params);
+# the remaining shared tags (norms, head) are "other".
+REPORTED = {"embedding": "embedding", "position": "embedding", "attention": "attention", "router": "router",
+            "shared_expert": "shared_expert", "dense_ffn": "dense_ffn"}
 
 
-def group_of(name: str) -> str | None:
-    """The shared group of a parameter name, or None for a routed expert (not shared)."""
-    if ".deepspeed_experts." in name:
-        return None
-    if name.startswith(("embed.", "pos_")):
-        return "embedding"
-    return next((g for g, fragments in GROUPS.items() if any(f in name for f in fragments)), "other")
+def group_of(p: torch.nn.Parameter, name: str = "?") -> str | None:
+    """The shared group of a parameter, or None for a routed expert (not shared)."""
+    tag = params.group_of(p, name)
+    return None if tag == "expert" else REPORTED.get(tag, "other")
 
 
 def held_out_batches(cfg: RunConfig, root: Path, tokenizer_id: str, domains: list[str]) -> dict[str, list[dict]]:
@@ -64,11 +59,11 @@ def held_out_batches(cfg: RunConfig, root: Path, tokenizer_id: str, domains: lis
 
 
 def shared_gradients(model: torch.nn.Module, batch: dict, aux_coef: float) -> dict[str, np.ndarray]:
-    """Flat float64 gradient [P] of the training objective on one batch, per shared group and "shared"
+    """Flat float64 gradient [V] of the training objective on one batch, per shared group and "shared"
     (all groups together). A group the loss does not reach (a fixed router's gate) is all zeros."""
     from shodh.model.moe import no_token_dropping, router_inputs
 
-    named = [(n, p, group_of(n)) for n, p in model.named_parameters() if group_of(n) is not None]
+    named = [(n, p, group_of(p, n)) for n, p in model.named_parameters() if group_of(p, n) is not None]
     model.eval()
     with no_token_dropping(model):
         pred, aux = model(batch["z_in"], **router_inputs(model.cfg.router, batch["domain"]))
@@ -91,16 +86,10 @@ def conflict_at(model: torch.nn.Module, batches: dict[str, list[dict]], aux_coef
 
 def run_conflict(cfg: RunConfig, root: Path, run_dir: Path, channels: int, batches: dict[str, list[dict]]) -> list[dict]:
     """Gradient conflict at every checkpoint of a run, in step order: [{"step", "groups": {...}}]."""
-    from shodh.eval.evaluate import load_model
-    from shodh.model.transformer import LatentTransformer
-
-    ckpt_dir = run_dir / "checkpoints"
-    tags = sorted(p.name for p in ckpt_dir.glob("step-*") if (p / "meta.json").is_file())
     out = []
-    for tag in tags:
-        loaded, step, _, _ = load_model(cfg, run_dir, channels, tag)
-        # A plain copy outside the DeepSpeed engine: no ZeRO gradient hooks, float32 on the CPU.
-        model = LatentTransformer(dataclasses.replace(cfg.model, ep_size=1), channels, seed=cfg.seed)
-        model.load_state_dict({k: v.float().cpu() for k, v in loaded.state_dict().items()})
+    for tag in checkpoint_tags(run_dir / "checkpoints"):
+        model, step, _, _ = load_for_inference(cfg, run_dir, channels, tag)
+        # Gradients in float32 on the CPU, whatever precision and device the run trained in.
+        model = model.float().cpu()
         out.append({"step": step, "groups": conflict_at(model, batches, cfg.model.aux_loss_coef)})
     return out

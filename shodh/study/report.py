@@ -2,7 +2,7 @@
 
 Everything here is read back from the runs (each child's eval/summary.json per-sample errors and
 its study_arm.json gradient probes), never from memory, so `--report-only` after a SLURM array
-gives the same report as a sequential run. Shape legend: S seeds, N test samples, E experts.
+gives the same report as a sequential run. Shape legend (the project's): R seeds, I test samples, E experts.
 """
 
 from __future__ import annotations
@@ -16,26 +16,26 @@ from pathlib import Path
 import numpy as np
 
 from shodh.config import RunConfig
-from shodh.data.shards import read_json, write_json_atomic, write_text_atomic
 from shodh.errors import ShodhError
+from shodh.io import read_json, write_json_atomic, write_text_atomic
 from shodh.study import stats
-from shodh.study.arms import Arm, arm_config
-from shodh.study.run import DONE, child_name, study_dir, study_name
+from shodh.study.arms import Arm, arm_config, child_dir, study_name
 from shodh.tracking import Tracker
+from shodh.workspace import STUDY_DONE
 
 METRICS = ("vrmse", "latent_mse")  # E_d: decoded VRMSE first (the headline), latent MSE beside it
 ROUTE = re.compile(r"route/(?P<domain>[^/]+)/layer(?P<layer>\d+)/expert(?P<expert>\d+)$")
 
 
 def _load(cfg: RunConfig, root: Path, arm: Arm, seed_index: int) -> tuple[dict, dict]:
-    run_dir = study_dir(cfg, root).parent / child_name(cfg, arm.name, seed_index)  # the children's sibling folder
-    if not (run_dir / DONE).is_file():
-        raise ShodhError(f"{run_dir}: arm {arm.name} seed {seed_index} has not finished (no {DONE}); run "
+    run_dir = child_dir(cfg, root, arm.name, seed_index)
+    if not (run_dir / STUDY_DONE).is_file():
+        raise ShodhError(f"{run_dir}: arm {arm.name} seed {seed_index} has not finished (no {STUDY_DONE}); run "
                          f"`shodh study ... --arms {arm.name} --seed-index {seed_index}` first")
-    return read_json(run_dir / "eval" / "summary.json", "evaluation summary"), read_json(run_dir / DONE, "study arm")
+    return read_json(run_dir / "eval" / "summary.json", "evaluation summary"), read_json(run_dir / STUDY_DONE, "study arm")
 
 
-def _errors_SN(summaries: list[dict], split: str, domain: str, metric: str, where: str) -> tuple[np.ndarray, list[str]]:
+def _errors_RI(summaries: list[dict], split: str, domain: str, metric: str, where: str) -> tuple[np.ndarray, list[str]]:
     rows, ids = [], None
     for s in summaries:
         entry = s.get("per_sample", {}).get(split, {}).get(domain)
@@ -96,9 +96,9 @@ def assemble(cfg: RunConfig, root: Path, arms: list[Arm], domains: list[str], to
             errors[a.name][d] = {}
             per_sample[a.name][d] = {}
             for metric in METRICS:
-                e_SN, ids = _errors_SN(summaries, split, d, metric, a.name)
-                per_sample[a.name][d][metric] = (e_SN, ids)
-                errors[a.name][d][metric] = float(e_SN.mean())
+                e_RI, ids = _errors_RI(summaries, split, d, metric, a.name)
+                per_sample[a.name][d][metric] = (e_RI, ids)
+                errors[a.name][d][metric] = float(e_RI.mean())
                 n_samples[d] = len(ids)
     names = {a.name for a in arms}
     nt: dict = {metric: {} for metric in METRICS}

@@ -20,25 +20,14 @@ import yaml
 
 from shodh.config import RunConfig
 from shodh.data.loader import read_manifest
-from shodh.data.shards import read_json, write_json_atomic
 from shodh.errors import ShodhError
-from shodh.study.arms import Arm, arm_config, select
+from shodh.io import read_json, write_json_atomic
+from shodh.study import report
+from shodh.study.arms import Arm, arm_config, child_dir, child_name, select, study_dir, study_name
 from shodh.tracking import Tracker
+from shodh.workspace import STUDY_DONE, resolve_tokenizer_id
 
 log = logging.getLogger(__name__)
-DONE = "study_arm.json"
-
-
-def study_name(cfg: RunConfig) -> str:
-    return cfg.study.name or f"{cfg.profile}-study"
-
-
-def study_dir(cfg: RunConfig, root: Path) -> Path:
-    return Path(root) / "runs" / cfg.tracking.experiment / study_name(cfg)
-
-
-def child_name(cfg: RunConfig, arm: str, seed_index: int) -> str:
-    return f"{study_name(cfg)}-{arm}-s{seed_index}"
 
 
 def open_parent(cfg: RunConfig, root: Path) -> Tracker:
@@ -67,22 +56,23 @@ def run_arm(cfg: RunConfig, root: Path, arm: Arm, seed_index: int, domains: list
             batches: dict) -> dict:
     """Train, evaluate and probe one arm x seed (or find it done); returns its study_arm.json."""
     from shodh.distributed import dist_info
+    from shodh.eval.callbacks import training_callbacks
     from shodh.eval.evaluate import evaluate
     from shodh.study.conflict import run_conflict
-    from shodh.train.loop import pretrain, run_dir_for
+    from shodh.train.trainer import pretrain
 
     acfg = arm_config(cfg, arm, domains, seed_index)
     name = child_name(cfg, arm.name, seed_index)
-    run_dir = run_dir_for(acfg, root, name)
+    run_dir = child_dir(cfg, root, arm.name, seed_index)
     if (run_dir / "config.yaml").is_file() and yaml.safe_load((run_dir / "config.yaml").read_text()) != _resolved(acfg):
         raise ShodhError(f"{run_dir / 'config.yaml'}: run {name} exists with a different config than this study "
                          f"asks for; pick another study.name or remove that run directory")
-    if (run_dir / DONE).is_file():
+    if (run_dir / STUDY_DONE).is_file():
         log.info("study %s: %s done, skipped", study_name(cfg), name)
-        return read_json(run_dir / DONE, "study arm record")
+        return read_json(run_dir / STUDY_DONE, "study arm record")
     t0 = time.perf_counter()
     log.info("study %s: training %s", study_name(cfg), name)
-    pretrain(acfg, root, name, dist_info())
+    pretrain(acfg, root, name, dist_info(), training_callbacks(acfg, root))
     evaluate(dataclasses.replace(acfg, eval=dataclasses.replace(acfg.eval, splits=[cfg.study.split])), root,
              str(run_dir))
     conflict = run_conflict(acfg, root, run_dir, channels, batches)
@@ -98,7 +88,7 @@ def run_arm(cfg: RunConfig, root: Path, arm: Arm, seed_index: int, domains: list
                                for key, value in stats.items()}, point["step"])
     finally:
         child.close()
-    write_json_atomic(run_dir / DONE, record)
+    write_json_atomic(run_dir / STUDY_DONE, record)
     return record
 
 
@@ -106,13 +96,11 @@ def run_study(cfg: RunConfig, root: Path, seed_index: int | None = None, report_
               command: str = "") -> dict | None:
     """Run the selected arms (all seeds, or one seed index) and, unless one seed index was asked
     for, assemble the report. Returns study.json's content, or None for a single launch."""
-    from shodh.study import report
     from shodh.study.conflict import held_out_batches
-    from shodh.train.loop import resolve_tokenizer_id
 
     root = Path(root)
     t0 = time.perf_counter()
-    tokenizer_id = resolve_tokenizer_id(cfg, root)
+    tokenizer_id = resolve_tokenizer_id(root, cfg.train.tokenizer_id)
     manifest = read_manifest(root, tokenizer_id, cfg.data.urls)
     domains = list(manifest["domains"])
     arms = select(cfg.study.arms, domains)

@@ -1,7 +1,7 @@
 """Pure statistics of the negative-transfer study: transfer ratios, paired bootstrap, gradient cosines.
 
-Shape legend: S seeds, N test samples (frame pairs of one domain, the same across arms), R
-bootstrap replicates, P parameters of a gradient vector.
+Shape legend (the project's, shodh/__init__.py): R seeds (runs), I test samples (frame pairs of one
+domain, the same across arms), Q bootstrap replicates, V parameters of a flat gradient vector.
 """
 
 from __future__ import annotations
@@ -11,48 +11,48 @@ import math
 import numpy as np
 
 
-def negative_transfer(err_arm_SN: np.ndarray, err_ref_SN: np.ndarray) -> float:
+def negative_transfer(err_arm_RI: np.ndarray, err_ref_RI: np.ndarray) -> float:
     """NT = mean error of the arm / mean error of the reference − 1 over seeds and samples:
-    [S, N] x2 -> scalar. Positive: the arm is worse than its single-domain reference."""
-    _check_paired(err_arm_SN, err_ref_SN)
-    return float(err_arm_SN.mean() / err_ref_SN.mean() - 1.0)
+    [R, I] x2 -> scalar. Positive: the arm is worse than its single-domain reference."""
+    _check_paired(err_arm_RI, err_ref_RI)
+    return float(err_arm_RI.mean() / err_ref_RI.mean() - 1.0)
 
 
-def paired_bootstrap_ci(err_arm_SN: np.ndarray, err_ref_SN: np.ndarray, replicates: int, level: float,
+def paired_bootstrap_ci(err_arm_RI: np.ndarray, err_ref_RI: np.ndarray, replicates: int, level: float,
                         seed: int = 0) -> tuple[float, float]:
-    """Percentile interval of NT under a two-level paired bootstrap: [S, N] x2 -> (lo, hi).
+    """Percentile interval of NT under a two-level paired bootstrap: [R, I] x2 -> (lo, hi).
 
     Each replicate resamples seeds, then test samples, with replacement, and takes the SAME
     indices for both arms: the arms share seeds and test samples, so the pairing removes the
     between-sample spread both see. An arm against itself gives NT = 0 in every replicate."""
-    _check_paired(err_arm_SN, err_ref_SN)
-    S, N = err_arm_SN.shape
+    _check_paired(err_arm_RI, err_ref_RI)
+    R, I = err_arm_RI.shape
     rng = np.random.default_rng(seed)
-    seed_RS = rng.integers(0, S, size=(replicates, S))
-    sample_RN = rng.integers(0, N, size=(replicates, N))
-    arm_R = err_arm_SN[seed_RS[:, :, None], sample_RN[:, None, :]].mean(axis=(1, 2))
-    ref_R = err_ref_SN[seed_RS[:, :, None], sample_RN[:, None, :]].mean(axis=(1, 2))
-    nt_R = arm_R / ref_R - 1.0
+    seed_QR = rng.integers(0, R, size=(replicates, R))
+    sample_QI = rng.integers(0, I, size=(replicates, I))
+    arm_Q = err_arm_RI[seed_QR[:, :, None], sample_QI[:, None, :]].mean(axis=(1, 2))
+    ref_Q = err_ref_RI[seed_QR[:, :, None], sample_QI[:, None, :]].mean(axis=(1, 2))
+    nt_Q = arm_Q / ref_Q - 1.0
     alpha = (1.0 - level) / 2
-    lo, hi = np.quantile(nt_R, [alpha, 1.0 - alpha])
+    lo, hi = np.quantile(nt_Q, [alpha, 1.0 - alpha])
     return float(lo), float(hi)
 
 
-def _check_paired(a_SN: np.ndarray, b_SN: np.ndarray) -> None:
-    if a_SN.shape != b_SN.shape or a_SN.ndim != 2 or a_SN.size == 0:
-        raise ValueError(f"paired errors need equal non-empty [S, N] shapes, got {a_SN.shape} and {b_SN.shape}")
+def _check_paired(a_RI: np.ndarray, b_RI: np.ndarray) -> None:
+    if a_RI.shape != b_RI.shape or a_RI.ndim != 2 or a_RI.size == 0:
+        raise ValueError(f"paired errors need equal non-empty [R, I] shapes, got {a_RI.shape} and {b_RI.shape}")
 
 
-def cosine(a_P: np.ndarray, b_P: np.ndarray) -> float:
-    """cos(a, b) of two flat gradients [P] x2 -> scalar; NaN when either is zero (no gradient)."""
-    na, nb = float(np.linalg.norm(a_P)), float(np.linalg.norm(b_P))
+def cosine(a_V: np.ndarray, b_V: np.ndarray) -> float:
+    """cos(a, b) of two flat gradients [V] x2 -> scalar; NaN when either is zero (no gradient)."""
+    na, nb = float(np.linalg.norm(a_V)), float(np.linalg.norm(b_V))
     if na == 0.0 or nb == 0.0:
         return math.nan
-    return float(np.dot(a_P, b_P) / (na * nb))
+    return float(np.dot(a_V, b_V) / (na * nb))
 
 
 def conflict_stats(grads: dict[str, list[np.ndarray]]) -> dict[str, float]:
-    """Gradient conflict between domains from per-domain lists of held-out batch gradients [P].
+    """Gradient conflict between domains from per-domain lists of held-out batch gradients [V].
 
     cross: mean cosine over every pair of batches from two different domains; same_<d>: mean
     cosine over pairs of distinct batches of domain d (the agreement batch noise allows);

@@ -1,8 +1,8 @@
 """Divergence-free field tokenizer: raw velocity fields [3, N, N, N] <-> latents [C, 16, 16, 16].
 
-Files: `config.py` (the `tokenizer.*` section), `operators.py` (matching discrete curl/div pairs),
-`model.py` (network, normalization, checkpoint loading), `train.py` (`shodh train-tokenizer`),
-`audit.py` (`shodh audit`), `encode.py` (`shodh encode`, latent shards).
+Files: `config.py` (the `tokenizer.*` section), `model.py` (network, checkpoint loading),
+`train.py` (`shodh train-tokenizer`), `audit.py` (`shodh audit`), `encode.py` (`shodh encode`,
+latent shards). The curl/div operator pairs and `Normalization` live in `shodh.fields`.
 
 Python API used by later stages:
 

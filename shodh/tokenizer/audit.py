@@ -14,35 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from shodh.data.shards import iter_shard, read_json
-from shodh.tokenizer import operators
-from shodh.tokenizer.config import LATENT
+from shodh.fields.normalization import Normalization
+from shodh.fields.spectral import divergence_stats, resample, resample_mask
+from shodh.io import iter_shard, read_json
 from shodh.tokenizer.data import frame, shards_of
-from shodh.tokenizer.model import Normalization, TokenizerNet, build_net, load_tokenizer, tokenizer_dir, velocity
-
-
-def fourier_resample(u_CXYZ: torch.Tensor, n: int) -> torch.Tensor:
-    """Band-limited resampling of a periodic field [..., X, Y, Z] to [..., n, n, n] (zero-padding
-    or truncating the centred spectrum; the Nyquist plane is dropped)."""
-    m = u_CXYZ.shape[-1]
-    if m == n:
-        return u_CXYZ
-    dims = (-3, -2, -1)
-    spec = torch.fft.fftshift(torch.fft.fftn(u_CXYZ.double(), dim=dims), dim=dims)
-    keep = min(m, n) - 1 if min(m, n) % 2 == 0 else min(m, n)  # odd: symmetric band
-    lo = m // 2 - keep // 2
-    band = spec[..., lo : lo + keep, lo : lo + keep, lo : lo + keep]
-    out = torch.zeros(*u_CXYZ.shape[:-3], n, n, n, dtype=spec.dtype)
-    start = n // 2 - keep // 2
-    out[..., start : start + keep, start : start + keep, start : start + keep] = band
-    resampled = torch.fft.ifftn(torch.fft.ifftshift(out, dim=dims), dim=dims).real
-    return resampled * (n / m) ** 3
-
-
-def resample_mask(mask_XYZ: torch.Tensor, n: int) -> torch.Tensor:
-    return F.interpolate(mask_XYZ.float()[None, None], size=(n, n, n), mode="nearest")[0, 0]
+from shodh.tokenizer.model import TokenizerNet, build_net, load_tokenizer, velocity
+from shodh.workspace import LATENT, raw_manifest_path, tokenizer_dir
 
 
 def real_fields(manifest: dict, root: Path, n: int) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
@@ -54,7 +32,10 @@ def real_fields(manifest: dict, root: Path, n: int) -> list[tuple[str, torch.Ten
             if shards:
                 sample = next(iter(iter_shard(shards[0]["file"])))
                 u, mask, _ = frame(sample, str(shards[0]["file"]))
-                out.append((domain, fourier_resample(torch.from_numpy(u), n),
+                u = torch.from_numpy(u).double()
+                # At the decoder's grid the stored field is used as is (resample would also drop
+                # its ~0 Nyquist plane).
+                out.append((domain, u if u.shape[-1] == n else resample(u, n),
                             resample_mask(torch.from_numpy(mask.astype(np.float32)), n)))
                 break
     return out
@@ -62,7 +43,7 @@ def real_fields(manifest: dict, root: Path, n: int) -> list[tuple[str, torch.Ten
 
 def audit_fields(u_BCXYZ: torch.Tensor, operator: str) -> dict:
     """Float64 divergence statistics of decoded fields, naming the operator and dtype."""
-    stats = operators.divergence_stats(u_BCXYZ.double(), operator)
+    stats = divergence_stats(u_BCXYZ.double(), operator)
     return {"operator": operator, "dtype": "float64", **stats}
 
 
@@ -92,7 +73,7 @@ def run_audit(cfg, root: Path, grid: int | None = None) -> dict:
     root = Path(root)
     tok = load_tokenizer(root) if (tokenizer_dir(root) / "tokenizer.json").exists() else None
     n = grid or (tok.grid if tok else cfg.sim.grid)
-    raw = root / "raw" / "manifest.json"
+    raw = raw_manifest_path(root)
     # Any raw grid will do: real fields are resampled to n^3.
     manifest = read_json(raw, "raw manifest") if raw.exists() else None
     if tok is not None and tok.grid == n:

@@ -7,8 +7,6 @@ from typing import Literal
 
 from shodh.errors import check
 
-LATENT = 16  # latent grid side: every profile encodes to [C, 16, 16, 16]
-
 
 @dataclass
 class TokenizerConfig:
@@ -17,7 +15,7 @@ class TokenizerConfig:
     width: int = 32  # conv width on the 16^3 grid
     hidden: int = 64  # width of the per-patch MLPs that fold / unfold p^3 patches
     blocks: int = 2  # residual 3^3 conv blocks in the encoder and in the decoder
-    operator: Literal["spectral", "staggered"] = "spectral"  # discrete curl/div pair (operators.py)
+    operator: Literal["spectral", "staggered"] = "spectral"  # discrete curl/div pair (shodh/fields/spectral.py)
     # training
     steps: int = 300
     batch: int = 2  # fields per process per step

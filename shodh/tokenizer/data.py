@@ -9,13 +9,14 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from shodh.data.shards import iter_shard, read_json
 from shodh.errors import ConfigError, DataError
+from shodh.io import iter_shard, read_json
+from shodh.workspace import raw_dir, raw_manifest_path
 
 
 def load_raw_manifest(root: Path, grid: int) -> dict:
     """ROOT/raw/manifest.json, checked against the configured grid (`sim.grid`)."""
-    path = Path(root) / "raw" / "manifest.json"
+    path = raw_manifest_path(root)
     manifest = read_json(path, "raw manifest (run `shodh simulate` first)")
     for key in ("grid", "shards", "stats", "domains"):
         if key not in manifest:
@@ -28,7 +29,7 @@ def load_raw_manifest(root: Path, grid: int) -> dict:
 
 def shards_of(manifest: dict, root: Path, split: str) -> list[dict]:
     """Manifest shard records of one split, each with its absolute `file`."""
-    return [{**s, "file": Path(root) / "raw" / s["path"]} for s in manifest["shards"] if s["split"] == split]
+    return [{**s, "file": raw_dir(root) / s["path"]} for s in manifest["shards"] if s["split"] == split]
 
 
 def frame(sample: dict, shard: str) -> tuple[np.ndarray, np.ndarray, dict]:

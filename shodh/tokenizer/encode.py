@@ -27,17 +27,25 @@ import torch
 import torch.distributed as torch_dist
 from tqdm import tqdm
 
-from shodh.data.loader import latent_dir
-from shodh.data.shards import AtomicShardWriter, iter_shard, read_json, sha256_file, write_json_atomic
 from shodh.distributed import DistInfo
 from shodh.errors import DataError
+from shodh.io import (
+    AtomicShardWriter,
+    collect_parts,
+    iter_shard,
+    moments,
+    read_json,
+    sha256_file,
+    split_counts,
+    write_json_atomic,
+)
 from shodh.tokenizer.data import frame, load_raw_manifest
 from shodh.tokenizer.model import Tokenizer, load_tokenizer
-from shodh.tokenizer.train import init_process_group, resolve_device
+from shodh.tokenizer.train import setup_process
+from shodh.workspace import LATENT, SPLITS, latent_dir, part_file, raw_dir, shard_file
 
 log = logging.getLogger(__name__)
 MANIFEST_FORMAT = "shodh-latents-1"
-SPLITS = ("train", "val", "test")
 
 
 def windows(frames: int, window: int) -> list[tuple[int, int]]:
@@ -49,13 +57,16 @@ def windows(frames: int, window: int) -> list[tuple[int, int]]:
     return out
 
 
-def _name(record: dict) -> str:
-    return f"{record['domain']}-{record['trajectory']:06d}"
+def _part(out: Path, record: dict) -> Path:
+    return part_file(out, record["domain"], record["trajectory"])
+
+
+def _shard(out: Path, record: dict) -> Path:
+    return shard_file(out, record["split"], record["domain"], record["trajectory"])
 
 
 def is_done(out: Path, record: dict, window: int) -> bool:
-    part = out / "parts" / f"{_name(record)}.json"
-    shard = out / record["split"] / f"{_name(record)}.tar"
+    part, shard = _part(out, record), _shard(out, record)
     if not (part.exists() and shard.exists()):
         return False
     done = read_json(part, "latent trajectory record")
@@ -71,7 +82,8 @@ def encode_trajectory(tok: Tokenizer, record: dict, raw_file: Path, out: Path, w
     for sample in iter_shard(raw_file):
         u, mask, meta = frame(sample, str(raw_file))
         if u.shape[-1] != tok.grid:
-            raise DataError(f"{raw_file}: sample '{sample['__key__']}' has grid {u.shape[-1]}, tokenizer {tok.id} expects {tok.grid}")
+            raise DataError(f"{raw_file}: sample '{sample['__key__']}' has grid {u.shape[-1]}, "
+                            f"tokenizer {tok.id} expects {tok.grid}")
         u_list.append(u), masks.append(mask), metas.append(meta)
     if len(u_list) < 2:
         raise DataError(f"{raw_file}: {len(u_list)} frame(s); encoding windows needs at least 2")
@@ -83,7 +95,7 @@ def encode_trajectory(tok: Tokenizer, record: dict, raw_file: Path, out: Path, w
         if bar is not None:
             bar.update(len(u_t))
     z_TCxyz = torch.cat(z_chunks).numpy()
-    shard = out / record["split"] / f"{_name(record)}.tar"
+    shard = _shard(out, record)
     with AtomicShardWriter(shard) as writer:
         for t0, t1 in windows(len(z_TCxyz), window):
             meta = {"domain": record["domain"], "trajectory": record["trajectory"], "t0": t0, "frames": t1 - t0,
@@ -95,42 +107,22 @@ def encode_trajectory(tok: Tokenizer, record: dict, raw_file: Path, out: Path, w
             "frames": len(z_TCxyz), "window": window, "raw_sha256": record["sha256"], "tokenizer_id": tok.id,
             "sum": z64.sum(axis=(0, 2, 3, 4)).tolist(), "sumsq": (z64**2).sum(axis=(0, 2, 3, 4)).tolist(),
             "voxels": int(z64[:, 0].size)}
-    write_json_atomic(out / "parts" / f"{_name(record)}.json", part)
+    write_json_atomic(_part(out, record), part)
     return part
-
-
-def _moments(parts: list[dict]) -> dict:
-    n = sum(p["voxels"] for p in parts)
-    mean = np.sum([p["sum"] for p in parts], axis=0) / n
-    var = np.sum([p["sumsq"] for p in parts], axis=0) / n - mean**2
-    return {"mean": mean.tolist(), "std": np.sqrt(np.maximum(var, 0)).tolist(), "voxels": n}
 
 
 def merge_manifest(out: Path, tok: Tokenizer, raw_manifest: dict, window: int) -> dict:
     """Collect every trajectory's part record into manifest.json (train-split latent stats)."""
-    parts, missing = [], []
-    for record in raw_manifest["shards"]:
-        path = out / "parts" / f"{_name(record)}.json"
-        if not path.exists():
-            missing.append(_name(record))
-            continue
-        parts.append(read_json(path, "latent trajectory record"))
-    if missing:
-        raise DataError(f"{out}: cannot write the manifest, trajectories not encoded: {', '.join(missing[:8])}")
+    parts = collect_parts([_part(out, record) for record in raw_manifest["shards"]], out)
     train = [p for p in parts if p["split"] == "train"]
     domains = list(raw_manifest["domains"])
-    stats = {**_moments(train), "split": "train",
-             "per_domain": {d: _moments([p for p in train if p["domain"] == d]) for d in domains
+    stats = {**moments(train), "split": "train",
+             "per_domain": {d: moments([p for p in train if p["domain"] == d]) for d in domains
                             if any(p["domain"] == d for p in train)}}
-    counts = {s: {d: {"trajectories": 0, "samples": 0, "frames": 0} for d in domains} for s in SPLITS}
-    for p in parts:
-        c = counts[p["split"]][p["domain"]]
-        c["trajectories"] += 1
-        c["samples"] += p["samples"]
-        c["frames"] += p["frames"]
+    counts = split_counts(parts, SPLITS, domains, ("samples", "frames"))
     keep = ("path", "split", "domain", "trajectory", "samples", "frames", "sha256")
     manifest = {"format": MANIFEST_FORMAT, "tokenizer_id": tok.id, "channels": tok.channels, "window": window,
-                "latent_shape": [tok.channels, 16, 16, 16], "grid": tok.grid, "domains": domains,
+                "latent_shape": [tok.channels, LATENT, LATENT, LATENT], "grid": tok.grid, "domains": domains,
                 "raw_config_sha": raw_manifest.get("config_sha"), "normalized": False,
                 "shards": [{k: p[k] for k in keep} for p in parts], "counts": counts, "stats": stats}
     write_json_atomic(out / "manifest.json", manifest)
@@ -140,8 +132,7 @@ def merge_manifest(out: Path, tok: Tokenizer, raw_manifest: dict, window: int) -
 def encode(cfg, root: Path, info: DistInfo) -> dict | None:
     """Encode this rank's share of raw trajectories; rank 0 returns the merged manifest."""
     tcfg = cfg.tokenizer
-    device = resolve_device(tcfg, info)
-    init_process_group(info, device)
+    device = setup_process(tcfg, info)
     raw_manifest = load_raw_manifest(root, cfg.sim.grid)
     tok = load_tokenizer(root, device)
     if tok.grid != raw_manifest["grid"]:
@@ -156,8 +147,8 @@ def encode(cfg, root: Path, info: DistInfo) -> dict | None:
     total = sum(r["samples"] for r in todo)
     with tqdm(total=total, desc=f"encode {tok.id}", unit="frame", disable=not info.is_main) as bar:
         for record in todo:
-            bar.set_postfix_str(f"{record['split']}/{_name(record)}")
-            encode_trajectory(tok, record, Path(root) / "raw" / record["path"], out, tcfg.window, tcfg.encode_batch, bar)
+            bar.set_postfix_str(str(_shard(out, record).relative_to(out)))
+            encode_trajectory(tok, record, raw_dir(root) / record["path"], out, tcfg.window, tcfg.encode_batch, bar)
     log.info("rank %d encoded %d trajectories (%d frames) in %.1f s", info.rank, len(todo), total, time.perf_counter() - t0)
     if info.distributed:
         torch_dist.barrier()

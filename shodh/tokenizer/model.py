@@ -3,16 +3,18 @@
 Shape legend: B = batch, C = velocity components (3) or latent channels, X, Y, Z = field grid
 (N each), x, y, z = latent grid (16 each), W = conv width.
 
-Velocity parameterization (per field, in the domain's normalized units, see `Normalization`):
+Velocity parameterization (per field, in the domain's normalized units, see
+`shodh.fields.normalization.Normalization`):
     v = U + curl A,    A = (-Δ)^-1 curl w (Biot–Savart),    U = mean of w
 The network predicts a velocity-like field w [B, 3, N, N, N]; A is its vector potential and
 U the mean-flow term (the curl of a periodic potential has zero mean; channel and porous flows
 do not). A constant is divergence-free under any operator, so v is exactly on the
-divergence-free manifold of the configured operator (operators.py) whatever the network does;
-Biot–Savart makes the target of w the velocity itself (not a potential, whose curl would
-amplify every high-wavenumber error by k), which is what makes training fast. Biot–Savart
-and curl run in float64 at decode time, in float32 only inside the training loss. Physical velocity is u = mean_d + scale_d * v with a per-domain
-vector mean_d and ONE scalar scale_d (a per-component scale would break div u = 0).
+divergence-free manifold of the configured operator (shodh/fields/spectral.py) whatever the
+network does; Biot–Savart makes the target of w the velocity itself (not a potential, whose curl
+would amplify every high-wavenumber error by k), which is what makes training fast. Biot–Savart
+and curl run in float64 at decode time, in float32 only inside the training loss. Physical
+velocity is u = mean_d + scale_d * v with a per-domain vector mean_d and ONE scalar scale_d (a
+per-component scale would break div u = 0).
 
 Solids: the solid mask is an input of the encoder and of the decoder (folded into patches
 like the velocity), and the loss covers the solid cells, so the decoder learns to cancel U
@@ -28,8 +30,6 @@ domain from its `meta.json` for the normalization.
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from pathlib import Path
 
 import torch
@@ -37,10 +37,11 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from shodh.data.shards import read_json, sha256_file
 from shodh.errors import DataError, ShodhError
-from shodh.tokenizer import operators
-from shodh.tokenizer.config import LATENT
+from shodh.fields import spectral
+from shodh.fields.normalization import Normalization
+from shodh.io import read_json, sha256_file
+from shodh.workspace import LATENT, tokenizer_dir
 
 CHECKPOINT_FORMAT = "shodh-tokenizer-1"
 
@@ -125,55 +126,7 @@ def velocity(w_BCXYZ: torch.Tensor, operator: str) -> torch.Tensor:
     """v = mean(w) + curl A with A = Biot–Savart(w), in w's dtype: [B, 3, N, N, N] -> same,
     divergence-free under `operator` to round-off."""
     mean_BC111 = w_BCXYZ.mean(dim=(-3, -2, -1), keepdim=True)
-    return mean_BC111 + operators.curl(operators.biot_savart(w_BCXYZ), operator)
-
-
-@dataclasses.dataclass(frozen=True)
-class Normalization:
-    """Per-domain affine map between physical velocity u and normalized v: u = mean + scale * v.
-
-    `std` (per component, physical units) only weights the loss so that every component counts
-    as in VRMSE; it is not part of the map.
-    """
-
-    mean: dict[str, list[float]]
-    scale: dict[str, float]
-    std: dict[str, list[float]]
-
-    @classmethod
-    def from_raw_stats(cls, stats: dict) -> "Normalization":
-        mean = {d: [float(x) for x in s["mean"]] for d, s in stats.items()}
-        std = {d: [max(float(x), 1e-12) for x in s["std"]] for d, s in stats.items()}
-        scale = {d: math.sqrt(sum(x * x for x in s) / 3) for d, s in std.items()}
-        return cls(mean, scale, std)
-
-    def _domain(self, domain: str) -> str:
-        if domain not in self.scale:
-            raise DataError(f"domain '{domain}': the tokenizer has no statistics for it (known: {', '.join(self.scale)})")
-        return domain
-
-    def normalize(self, u_BCXYZ: torch.Tensor, domain: str) -> torch.Tensor:
-        d = self._domain(domain)
-        mean = torch.tensor(self.mean[d], dtype=u_BCXYZ.dtype, device=u_BCXYZ.device).view(3, 1, 1, 1)
-        return (u_BCXYZ - mean) / self.scale[d]
-
-    def denormalize(self, v_BCXYZ: torch.Tensor, domain: str) -> torch.Tensor:
-        d = self._domain(domain)
-        mean = torch.tensor(self.mean[d], dtype=v_BCXYZ.dtype, device=v_BCXYZ.device).view(3, 1, 1, 1)
-        return mean + self.scale[d] * v_BCXYZ
-
-    def loss_weights(self, domain: str) -> list[float]:
-        """Per-component weights scale² / std_c²: the loss becomes a VRMSE²-like average."""
-        d = self._domain(domain)
-        return [self.scale[d] ** 2 / s**2 for s in self.std[d]]
-
-    def to_json(self) -> dict:
-        return {d: {"mean": self.mean[d], "scale": self.scale[d], "std": self.std[d]} for d in self.scale}
-
-    @classmethod
-    def from_json(cls, data: dict) -> "Normalization":
-        return cls({d: v["mean"] for d, v in data.items()}, {d: v["scale"] for d, v in data.items()},
-                   {d: v["std"] for d, v in data.items()})
+    return mean_BC111 + spectral.curl(spectral.biot_savart(w_BCXYZ), operator)
 
 
 def build_net(arch: dict, grid: int) -> TokenizerNet:
@@ -208,12 +161,6 @@ class Tokenizer:
         w = self.net.decode(z_Bcxyz.to(self.device, torch.float32), mask_BXYZ.to(self.device, torch.float32))
         v = velocity(w.double(), self.operator)
         return self.norm.denormalize(v, domain)
-
-
-def tokenizer_dir(root_or_dir: str | Path) -> Path:
-    """ROOT/tokenizer, or the directory itself when it already holds tokenizer.json."""
-    path = Path(root_or_dir)
-    return path if (path / "tokenizer.json").exists() else path / "tokenizer"
 
 
 def load_tokenizer(root_or_dir: str | Path, device: str | torch.device = "cpu") -> Tokenizer:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -21,34 +20,29 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 
-from shodh.data.shards import iter_shard, sha256_file, sha256_json, write_atomic, write_json_atomic
-from shodh.distributed import DistInfo, export_env
+from shodh.distributed import DistInfo, choose_device, init_process_group
 from shodh.errors import DataError
-from shodh.eval.metrics import vrmse_BC
-from shodh.tokenizer import operators
+from shodh.fields.metrics import vrmse_BC
+from shodh.fields.normalization import Normalization
+from shodh.fields.spectral import divergence_stats
+from shodh.io import iter_shard, sha256_file, sha256_json, write_atomic, write_json_atomic
+from shodh.schedule import lr_factor
 from shodh.tokenizer.config import TokenizerConfig
 from shodh.tokenizer.data import frame, load_raw_manifest, shards_of, stream_fields
-from shodh.tokenizer.model import CHECKPOINT_FORMAT, Normalization, TokenizerNet, build_net, velocity
+from shodh.tokenizer.model import CHECKPOINT_FORMAT, TokenizerNet, build_net, velocity
 from shodh.tracking import Tracker
+from shodh.workspace import HELD_OUT, LATENT, tokenizer_dir
+from shodh.workspace import run_dir as workspace_run_dir
 
 log = logging.getLogger(__name__)
-HELD_OUT = ("val", "test")
 
 
-def init_process_group(info: DistInfo, device: torch.device) -> None:
-    """Join the process group of a multi-process launch (no-op for a single process)."""
-    if info.distributed and not torch_dist.is_initialized():
-        export_env(info)
-        torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                      rank=info.rank, world_size=info.world_size)
-
-
-def resolve_device(cfg: TokenizerConfig, info: DistInfo) -> torch.device:
-    device = torch.device(cfg.device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", info.local_rank)
+def setup_process(cfg: TokenizerConfig, info: DistInfo) -> torch.device:
+    """Threads, device and (for a multi-process launch) the process group of a tokenizer stage."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    device = choose_device(cfg.device, info)
+    init_process_group(info, device)
     return device
 
 
@@ -84,7 +78,7 @@ def evaluate(net: TokenizerNet, norm: Normalization, operator: str, manifest: di
                 truth = u_t.double()
                 acc["mse"].append(float((rec - truth).pow(2).mean()))
                 acc["vrmse"].append(float(vrmse_BC(rec, truth).mean()))
-                acc["div"].append(operators.divergence_stats(rec, operator)["rel_max"])
+                acc["div"].append(divergence_stats(rec, operator)["rel_max"])
                 solid = m_t[0].bool()
                 if solid.any() and (~solid).any():
                     speed, speed_raw = rec[0].pow(2).sum(0), truth[0].pow(2).sum(0)
@@ -134,18 +128,14 @@ def plot_slices(examples: dict, path: Path) -> Path:
 
 
 def lr_at(step: int, cfg: TokenizerConfig) -> float:
-    """Linear warmup, then cosine decay to 10% of `lr`."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+    """The shared schedule (shodh.schedule), decaying to 10% of `lr`."""
+    return cfg.lr * lr_factor(step, cfg.warmup, cfg.steps, min_ratio=0.1)
 
 
 def train(cfg, root: Path, info: DistInfo) -> dict:
     """Train (or resume) the tokenizer of RunConfig `cfg`; returns tokenizer.json's content on rank 0."""
     tcfg: TokenizerConfig = cfg.tokenizer
-    device = resolve_device(tcfg, info)
-    init_process_group(info, device)
+    device = setup_process(tcfg, info)
     manifest = load_raw_manifest(root, cfg.sim.grid)
     norm = Normalization.from_raw_stats(manifest["stats"])
     train_shards = shards_of(manifest, root, "train")[info.rank :: info.world_size]
@@ -160,7 +150,7 @@ def train(cfg, root: Path, info: DistInfo) -> dict:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     net = build_net(tcfg.architecture(), manifest["grid"]).to(device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=tcfg.lr, weight_decay=0.0)
-    out_dir = Path(root) / "tokenizer"
+    out_dir = tokenizer_dir(root)
     ckpt_path = out_dir / "checkpoint.pt"
     step = 0
     if ckpt_path.exists():
@@ -176,7 +166,7 @@ def train(cfg, root: Path, info: DistInfo) -> dict:
     if info.distributed:
         model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
 
-    run_dir = Path(root) / "runs" / cfg.tracking.experiment / tcfg.run_name
+    run_dir = workspace_run_dir(root, cfg.tracking.experiment, tcfg.run_name)
     tracker = Tracker(cfg.tracking, root, run_dir, tcfg.run_name,
                       params={"tokenizer": dataclasses.asdict(tcfg), "grid": manifest["grid"], "seed": cfg.seed},
                       tags={"stage": "tokenizer", "operator": tcfg.operator}, is_main=info.is_main)
@@ -210,7 +200,7 @@ def train(cfg, root: Path, info: DistInfo) -> dict:
             out_dir.mkdir(parents=True, exist_ok=True)
             state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                      "identity": identity_sha}
-            write_atomic(ckpt_path, lambda tmp: torch.save(state, tmp))
+            write_atomic(ckpt_path, lambda tmp, state=state: torch.save(state, tmp))
         if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.steps and info.is_main:
             metrics, _ = evaluate(net, norm, tcfg.operator, manifest, root, "val", tcfg.eval_fields, device)
             tracker.log_metrics(metrics, step)
@@ -245,7 +235,7 @@ def finish(net: TokenizerNet, norm: Normalization, cfg, manifest: dict, root: Pa
     if examples:
         tracker.log_artifact(plot_slices(examples, run_dir / "plots" / "tokenizer_slices.png"), "plots")
 
-    out_dir = Path(root) / "tokenizer"
+    out_dir = tokenizer_dir(root)
     weights = out_dir / "tokenizer.pt"
     weights_cpu = {k: v.detach().cpu() for k, v in net.state_dict().items()}
     write_atomic(weights, lambda tmp: torch.save(weights_cpu, tmp))
@@ -253,7 +243,7 @@ def finish(net: TokenizerNet, norm: Normalization, cfg, manifest: dict, root: Pa
     n = manifest["grid"]
     info = {
         "format": CHECKPOINT_FORMAT, "id": digest[:16], "sha256": digest, "grid": n,
-        "latent_shape": [tcfg.channels, 16, 16, 16], "compression": 3 * n**3 / (tcfg.channels * 16**3),
+        "latent_shape": [tcfg.channels, LATENT, LATENT, LATENT], "compression": 3 * n**3 / (tcfg.channels * LATENT**3),
         "config": tcfg.architecture(), "training": dataclasses.asdict(tcfg), "seed": cfg.seed, "steps": step,
         "domains": list(manifest["domains"]), "normalization": norm.to_json(),
         "normalization_note": "u = mean[domain] + scale[domain] * v (scalar scale keeps div u = 0); "

@@ -8,19 +8,19 @@ from __future__ import annotations
 
 import copy
 import json
-import math
-import socket
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import torch
 
-from shodh.distributed import DistInfo, export_env
+from shodh.distributed import DistInfo
 from shodh.errors import ConfigError
+from shodh.model import params
 from shodh.model.config import ModelConfig
+from shodh.schedule import lr_factor
 from shodh.train.config import TrainConfig
 
-DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 # Keys the ds_config files must not set: they are derived from train.* once, here.
 DERIVED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
@@ -62,10 +62,18 @@ def check_layout(model: ModelConfig, train: TrainConfig, info: DistInfo) -> Layo
     return layout
 
 
+def ds_config_path(name: str):
+    """train.ds_config as a file: an explicit path (anything with a '/' or an existing file), else a
+    name among the shipped configs (top-level ds_configs/, installed as the package `shodh.ds_configs`)."""
+    if "/" in name or Path(name).is_file():
+        return Path(name)
+    return resources.files("shodh.ds_configs").joinpath(name)
+
+
 def load_ds_config(train: TrainConfig, layout: Layout) -> dict:
     """The ds_configs/ JSON (chosen by device unless train.ds_config names one) plus derived batch sizes."""
     name = train.ds_config or ("zero2_gpu_bf16.json" if torch.cuda.is_available() else "zero2_cpu_fp32.json")
-    path = Path(name) if ("/" in name or Path(name).is_file()) else DS_CONFIG_DIR / name
+    path = ds_config_path(name)
     try:
         cfg = json.loads(path.read_text())
     except FileNotFoundError:
@@ -84,47 +92,14 @@ def load_ds_config(train: TrainConfig, layout: Layout) -> dict:
     return cfg
 
 
-def free_port() -> int:
-    """A free TCP port for a single-process run's rendezvous (29500 may be taken by a neighbour)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_distributed(info: DistInfo) -> DistInfo:
-    import deepspeed
-
-    if info.source == "single":
-        info = replace(info, master_port=free_port())
-    export_env(info)
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                               auto_mpi_discovery=False, verbose=False)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(info.local_rank)
-    return info
-
-
-def lr_lambda(train: TrainConfig, offset: int = 0):
-    """Linear warmup then cosine decay to lr * min_lr_ratio, as a factor of train.lr.
-    `offset` continues the schedule of a weights-only resume at its step."""
-    def factor(i: int) -> float:
-        step = i + offset
-        if step < train.warmup_steps:
-            return (step + 1) / (train.warmup_steps + 1)
-        span = max(1, train.max_steps - train.warmup_steps)
-        progress = min(1.0, (step - train.warmup_steps) / span)
-        return train.min_lr_ratio + (1 - train.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return factor
-
-
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices only, then let DeepSpeed split expert params into their own groups
-    (their gradients are reduced over the expert-data-parallel group, not the whole world)."""
+    """Decay by the parameters' tags (`shodh.model.params.decays`), then let DeepSpeed split expert
+    params into their own groups (their gradients are reduced over the expert-data-parallel group)."""
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (decay if p.ndim >= 2 and not name.startswith("pos_") else no_decay).append(p)
+        (decay if params.decays(p, name) else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
               {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
     return split_params_into_different_moe_groups_for_optimizer([g for g in groups if g["params"]])
@@ -145,7 +120,9 @@ def build_engine(model_cfg: ModelConfig, train: TrainConfig, layout: Layout, ds_
     local = model_cfg.num_experts // model_cfg.ep_size
     model = LatentTransformer(model_cfg, channels, seed=seed, expert_offset=layout.ep_rank * local)
     optimizer = torch.optim.AdamW(param_groups(model, train.weight_decay), lr=train.lr, betas=(0.9, 0.95))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train, lr_offset))
+    # `lr_offset` continues the schedule of a weights-only resume at its step.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(
+        i + lr_offset, train.warmup_steps, train.max_steps, train.min_lr_ratio))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
     if model_cfg.kind == "moe" and layout.world_size > 1:

@@ -1,7 +1,8 @@
 """Pure metric functions for evaluating predicted flow fields against the truth.
 
-Shape legend: B batch, C velocity components (3) or latent channels, X Y Z grid (N each),
-K spectral shells. Fields live on the periodic box [0, 2π)^3, so wavenumbers are integers.
+Shape legend (the project's): B batch, C channels/components (3 velocity components or latent
+channels), X Y Z grid axes (N each), H the halved rfft axis (N // 2 + 1), S spectral shells,
+T frames of a trajectory. Fields live on the periodic box [0, 2π)^3, so wavenumbers are integers.
 
 Error metrics follow The Well (Ohana et al., 2024), per sample and per component over space:
     MSE   = mean_x (p - t)^2
@@ -15,6 +16,8 @@ The whole box is scored, solid cells included (the truth is ~0 there, leakage co
 from __future__ import annotations
 
 import torch
+
+from shodh.fields.spectral import fft, wavenumbers
 
 EPS = 1e-7  # The Well's epsilon: keeps a constant truth from dividing by zero
 BANDS = ("low", "mid", "high")
@@ -39,31 +42,30 @@ def vrmse_BC(pred_BCXYZ: torch.Tensor, true_BCXYZ: torch.Tensor, eps: float = EP
     return (err_BC / (var_BC + eps)).sqrt()
 
 
-def _shells_and_weights_XYK(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shell index round(|k|) [X, Y, K] int64 of every rfft mode of an N^3 grid, and its weight
-    [X, Y, K]: 2 for 0 < kz < N/2 (the mode stands for itself and its conjugate), else 1."""
-    k = torch.fft.fftfreq(n, 1.0 / n, dtype=torch.float64, device=device)
-    kz = torch.fft.rfftfreq(n, 1.0 / n, dtype=torch.float64, device=device)
-    kx, ky, kz = torch.meshgrid(k, k, kz, indexing="ij")
-    shells_XYK = (kx**2 + ky**2 + kz**2).sqrt().round().long()
-    weights_XYK = torch.full_like(kz, 2.0)
-    weights_XYK[..., 0] = 1.0
+def _shells_and_weights_XYH(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shell index round(|k|) [X, Y, H] int64 of every rfft mode of an N^3 grid, and its weight
+    [X, Y, H]: 2 for 0 < kz < N/2 (the mode stands for itself and its conjugate), else 1."""
+    k_X, k_H = wavenumbers(n, dtype=torch.float64, device=device)  # box 2π: integer wavenumbers
+    kx, ky, kz = torch.meshgrid(k_X, k_X, k_H, indexing="ij")
+    shells_XYH = (kx**2 + ky**2 + kz**2).sqrt().round().long()
+    weights_XYH = torch.full_like(kz, 2.0)
+    weights_XYH[..., 0] = 1.0
     if n % 2 == 0:
-        weights_XYK[..., -1] = 1.0
-    return shells_XYK, weights_XYK
+        weights_XYH[..., -1] = 1.0
+    return shells_XYH, weights_XYH
 
 
-def energy_spectrum_BK(u_BCXYZ: torch.Tensor) -> torch.Tensor:
-    """Shell-summed kinetic energy E(k) = Σ_{|k'| ≈ k} ½ |û(k')|² / N^6: [B, 3, X, Y, Z] -> [B, K].
+def energy_spectrum_BS(u_BCXYZ: torch.Tensor) -> torch.Tensor:
+    """Shell-summed kinetic energy E(k) = Σ_{|k'| ≈ k} ½ |û(k')|² / N^6: [B, 3, X, Y, Z] -> [B, S].
 
-    Normalized so that Σ_k E(k) = ½ mean_x |u|² (Parseval); shell 0 is the mean flow, K - 1 the
+    Normalized so that Σ_k E(k) = ½ mean_x |u|² (Parseval); shell 0 is the mean flow, S - 1 the
     largest shell of the cube's corners (round(√3 N/2)). Uses the real FFT (half the work)."""
     n = u_BCXYZ.shape[-1]
-    shells_XYK, weights_XYK = _shells_and_weights_XYK(n, u_BCXYZ.device)
-    uh = torch.fft.rfftn(u_BCXYZ, dim=(-3, -2, -1))
-    power_BXYK = 0.5 * uh.abs().pow(2).sum(dim=-4) * weights_XYK / n**6
-    out_BK = power_BXYK.new_zeros(power_BXYK.shape[0], int(shells_XYK.max()) + 1)
-    return out_BK.index_add_(1, shells_XYK.flatten(), power_BXYK.flatten(1))
+    shells_XYH, weights_XYH = _shells_and_weights_XYH(n, u_BCXYZ.device)
+    uh_BCXYH = fft(u_BCXYZ)
+    power_BXYH = 0.5 * uh_BCXYH.abs().pow(2).sum(dim=-4) * weights_XYH / n**6
+    out_BS = power_BXYH.new_zeros(power_BXYH.shape[0], int(shells_XYH.max()) + 1)
+    return out_BS.index_add_(1, shells_XYH.flatten(), power_BXYH.flatten(1))
 
 
 def band_edges(n: int) -> tuple[float, float]:
@@ -73,13 +75,13 @@ def band_edges(n: int) -> tuple[float, float]:
     return k_max ** (1 / 3), k_max ** (2 / 3)
 
 
-def band_of_K(k_count: int, n: int) -> torch.Tensor:
-    """Band index per shell (0 low, 1 mid, 2 high, -1 for the mean flow k = 0): [K] int64."""
+def band_of_S(shell_count: int, n: int) -> torch.Tensor:
+    """Band index per shell (0 low, 1 mid, 2 high, -1 for the mean flow k = 0): [S] int64."""
     lo, hi = band_edges(n)
-    k_K = torch.arange(k_count, dtype=torch.float64)
-    band_K = (k_K >= lo).long() + (k_K >= hi).long()
-    band_K[0] = -1
-    return band_K
+    k_S = torch.arange(shell_count, dtype=torch.float64)
+    band_S = (k_S >= lo).long() + (k_S >= hi).long()
+    band_S[0] = -1
+    return band_S
 
 
 def spectral_error_B3(pred_BCXYZ: torch.Tensor, true_BCXYZ: torch.Tensor) -> torch.Tensor:
@@ -92,15 +94,12 @@ def spectral_error_B3(pred_BCXYZ: torch.Tensor, true_BCXYZ: torch.Tensor) -> tor
     truth holds less than SPECTRAL_FLOOR of its fluctuation energy is divided by that floor
     instead, so a nearly empty band (a smooth field's high wavenumbers) cannot blow up."""
     n = true_BCXYZ.shape[-1]
-    err_BK = energy_spectrum_BK(pred_BCXYZ - true_BCXYZ)
-    true_BK = energy_spectrum_BK(true_BCXYZ)
-    band_K = band_of_K(true_BK.shape[-1], n).to(true_BK.device)
-    floor_B = SPECTRAL_FLOOR * true_BK[:, 1:].sum(-1) + 1e-300
+    err_BS = energy_spectrum_BS(pred_BCXYZ - true_BCXYZ)
+    true_BS = energy_spectrum_BS(true_BCXYZ)
+    band_S = band_of_S(true_BS.shape[-1], n).to(true_BS.device)
+    floor_B = SPECTRAL_FLOOR * true_BS[:, 1:].sum(-1) + 1e-300
     out = []
     for b in range(len(BANDS)):
-        sel = band_K == b
-        out.append(err_BK[:, sel].sum(-1) / torch.maximum(true_BK[:, sel].sum(-1), floor_B))
+        sel_S = band_S == b
+        out.append(err_BS[:, sel_S].sum(-1) / torch.maximum(true_BS[:, sel_S].sum(-1), floor_B))
     return torch.stack(out, dim=-1)
-
-
-

@@ -1,4 +1,4 @@
-"""WebDataset shard I/O shared by every stage: atomic writes, checksums, pickle-free decoding.
+"""Leaf I/O shared by every stage: atomic writes, JSON, hashing, pickle-free WebDataset shard reading.
 
 A shard is a plain tar of samples; a sample is a key plus members `<key>.<name>` (`u.npy`,
 `meta.json`, ...). Writers stream into `<name>.tmp-<pid>` and rename on completion, so a
@@ -93,10 +93,12 @@ class AtomicShardWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             self._writer.close()  # also closes the file object
-        finally:
-            if exc_type is not None:
-                self.tmp.unlink(missing_ok=True)
-                return
+        except BaseException:
+            self.tmp.unlink(missing_ok=True)
+            raise
+        if exc_type is not None:
+            self.tmp.unlink(missing_ok=True)
+            return
         with open(self.tmp, "rb+") as f:
             os.fsync(f.fileno())
         self.sha256 = sha256_file(self.tmp)
@@ -159,3 +161,37 @@ def iter_shard(path: str | Path) -> Iterator[dict]:
             yield decode_sample(sample, shard)
     except (tarfile.TarError, OSError, ValueError) as exc:
         raise DataError(f"{shard}: unreadable or truncated tar ({type(exc).__name__}: {exc})") from None
+
+
+# ---------------------------------------------------------------- manifests from part records
+# simulate and encode both write one part record per finished trajectory (its manifest entry plus
+# per-component sums) and merge them into a manifest; these are the shared steps of that merge.
+
+
+def collect_parts(paths: list[Path], folder: Path) -> list[dict]:
+    """Read the part records at `paths`; a missing one is an error naming up to eight of them."""
+    missing = [Path(p).stem for p in paths if not Path(p).exists()]
+    if missing:
+        raise DataError(f"{folder}: cannot write the manifest, trajectories missing: {', '.join(missing[:8])}"
+                        + (" ..." if len(missing) > 8 else ""))
+    return [read_json(p, "trajectory record") for p in paths]
+
+
+def split_counts(records: list[dict], splits: tuple[str, ...], domains: list[str],
+                 fields: tuple[str, ...] = ("samples",)) -> dict:
+    """{split: {domain: {"trajectories": n, <field>: Σ record[field]}}} over part records."""
+    counts = {s: {d: {"trajectories": 0, **{f: 0 for f in fields}} for d in domains} for s in splits}
+    for record in records:
+        c = counts[record["split"]][record["domain"]]
+        c["trajectories"] += 1
+        for f in fields:
+            c[f] += record[f]
+    return counts
+
+
+def moments(records: list[dict]) -> dict:
+    """Per-component mean and std from the records' `sum`, `sumsq` and `voxels` (population std)."""
+    n = sum(r["voxels"] for r in records)
+    mean = np.sum([r["sum"] for r in records], axis=0) / n
+    var = np.sum([r["sumsq"] for r in records], axis=0) / n - mean**2
+    return {"mean": mean.tolist(), "std": np.sqrt(np.maximum(var, 0)).tolist(), "voxels": n}
