@@ -96,7 +96,8 @@ def main() -> None:
 
         # Decode cost: read + decode + normalize every window of every shard.
         source = _source(manifest, cfg, TOK)
-        shards = [_Shard(f"{latent_dir(root, TOK)}/{s['path']}", s["domain"], s["samples"]) for s in manifest["shards"]]
+        shards = [_Shard(f"{latent_dir(root, TOK)}/{s['path']}", s["domain"], s["samples"], s["split"], s["trajectory"],
+                         s["sha256"]) for s in manifest["shards"]]
         t = time.perf_counter()
         n_windows = sum(len(source.read(s)[0]) for s in shards)
         decode_s = (time.perf_counter() - t) / n_windows

@@ -18,7 +18,7 @@ import yaml
 from shodh.config import RunConfig, available_profiles, load_config, validate_tree
 from shodh.distributed import log_level_env
 from shodh.errors import ShodhError
-from shodh.workspace import SPLITS, ensure_root
+from shodh.workspace import SPLITS, ensure_root, readable_root
 
 DEFAULT_ROOT = "./shodh-work"
 log = logging.getLogger("shodh")
@@ -29,6 +29,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help=f"shipped profile ({', '.join(available_profiles())}) or a YAML file (default: demo)")
     parser.add_argument("--root", type=Path, default=Path(DEFAULT_ROOT), help=f"workspace directory (default: {DEFAULT_ROOT})")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, e.g. sim.grid=64")
+
+
+def _trust_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="load a checkpoint that has no shodh sha256 manifest (DeepSpeed unpickles its files: "
+                             "only for checkpoints you wrote); same as train.trust_checkpoint=true")
 
 
 def _launcher_args(parser: argparse.ArgumentParser) -> None:
@@ -93,7 +99,7 @@ def cmd_audit(args, cfg: RunConfig) -> int:
 
     from shodh.tokenizer.audit import run_audit
 
-    print(json.dumps(run_audit(cfg, ensure_root(args.root), args.grid)))
+    print(json.dumps(run_audit(cfg, readable_root(args.root), args.grid)))  # only reads: a read-only root will do
     return 0
 
 
@@ -152,7 +158,7 @@ def cmd_study(args, cfg: RunConfig) -> int:
 def cmd_ui(args, cfg: RunConfig) -> int:
     from shodh.ui import run_ui
 
-    run_ui(cfg.tracking, ensure_root(args.root), args.host, args.port)
+    run_ui(cfg.tracking, readable_root(args.root), args.host, args.port)  # only reads: a read-only root will do
     return 1  # only reached when the server could not be started
 
 
@@ -173,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("pretrain", help="pretrain the MoE / dense latent transformer (also: deepspeed --module shodh.pretrain)")
     _common(p)
     p.add_argument("--run-name", default=None, help="run directory and MLflow run name (default: <profile>-<model.kind>)")
+    _trust_arg(p)
     _launcher_args(p)
     p.set_defaults(func=cmd_pretrain)
 
@@ -195,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("evaluate", help="evaluate a pretrained run per domain; metrics and plots into its MLflow run")
     _common(p)
     p.add_argument("--run", required=True, help="run directory (ROOT/runs/<experiment>/<name>) or run name")
+    _trust_arg(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = verbs.add_parser("study", help="negative-transfer study: MoE vs dense vs single-domain arms, router controls")
@@ -219,8 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    overrides = [*args.overrides, *(["train.trust_checkpoint=true"] if getattr(args, "trust_checkpoint", False) else [])]
     try:
-        cfg = load_config(args.profile, args.overrides)
+        cfg = load_config(args.profile, overrides)
         return args.func(args, cfg)
     except ShodhError as exc:
         print(f"shodh: error: {exc}", file=sys.stderr)

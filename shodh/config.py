@@ -8,6 +8,8 @@ the offending field (`sim.grid: must be a multiple of 16, got 40`). Unknown keys
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 from importlib import resources
 from pathlib import Path
@@ -26,6 +28,7 @@ from shodh.tracking import TrackingConfig
 from shodh.train.config import TrainConfig
 
 PROFILE_DIR = "profiles"
+NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 @dataclasses.dataclass
@@ -66,6 +69,15 @@ def _profile_text(profile: str) -> str:
     return resources.files("shodh").joinpath(PROFILE_DIR, f"{profile}.yaml").read_text()
 
 
+def yaml_error(exc: yaml.YAMLError) -> str:
+    """One line for a YAML error: what is wrong and where (PyYAML's own message spans several lines)."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context = getattr(exc, "context", None)
+    return f"{what}{where}" + (f" ({context})" if context else "")
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """'model.num_experts=8' -> (['model', 'num_experts'], 8); values are parsed as YAML."""
     key, sep, raw = text.partition("=")
@@ -74,7 +86,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"bad override '{text}': value is not valid YAML ({exc.problem})") from None
+        raise ConfigError(f"bad override '{text}': value is not valid YAML ({yaml_error(exc)})") from None
     return key.split("."), value
 
 
@@ -84,7 +96,7 @@ def load_config(profile: str, overrides: list[str] | tuple[str, ...] = ()) -> Ru
     try:
         data = yaml.safe_load(_profile_text(profile)) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: invalid YAML: {exc}") from None
+        raise ConfigError(f"{source}: invalid YAML: {yaml_error(exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: top level must be a mapping")
     data.setdefault("profile", Path(profile).stem if "/" in profile else profile)
@@ -178,8 +190,12 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
     if tp is Any:
         return value
     if tp is float:
+        if isinstance(value, str) and NUMBER.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string; it is a number to a user
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{path}: must be a finite number, got {value!r}")
         return float(value)
     if tp in (int, bool, str):
         # bool is a subclass of int: `grid=true` must not become grid=1.

@@ -6,6 +6,8 @@ a wrapper), then a single process. The `deepspeed` launcher also passes `--local
 command line; `strip_local_rank` takes it out of argv (it must agree with LOCAL_RANK).
 Besides the launcher's variables, only two others are read, here: MLFLOW_TRACKING_URI (a
 tracking server instead of the embedded store) and SHODH_LOG_LEVEL (the CLI's default log level).
+Two are set, here, unless the user set them: MLflow's HTTP timeout and retry count
+(`bound_mlflow_http`), so that a dead tracking server costs seconds, not minutes.
 """
 
 from __future__ import annotations
@@ -120,6 +122,20 @@ def array_task(env: Mapping[str, str] | None = None) -> tuple[int, int]:
 def tracking_uri_env() -> str:
     """MLFLOW_TRACKING_URI, or "" when unset (the embedded store is then used)."""
     return os.environ.get("MLFLOW_TRACKING_URI", "")
+
+
+# MLflow's defaults are a 120 s timeout and 7 retries with exponential backoff (about 4 min per
+# call against a dead server). Tracking runs in a background thread and turns itself off after the
+# first failure, so one short try is all a training process should spend on a call.
+MLFLOW_HTTP_BOUNDS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "5", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+
+
+def bound_mlflow_http() -> dict[str, str]:
+    """Give MLflow's HTTP client in this process a short timeout and no retries (MLflow reads these
+    variables at every request), keeping any value the user set; returns the values in effect."""
+    for name, value in MLFLOW_HTTP_BOUNDS.items():
+        os.environ.setdefault(name, value)
+    return {name: os.environ[name] for name in MLFLOW_HTTP_BOUNDS}
 
 
 def log_level_env(default: str = "INFO") -> str:

@@ -12,10 +12,11 @@ No other module builds a path under the root; stages call these functions.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
-from shodh.errors import ShodhError
+from shodh.errors import ConfigError, ShodhError
 from shodh.io import read_json
 
 SPLITS = ("train", "val", "test")  # trajectory splits; a trajectory belongs to exactly one
@@ -34,6 +35,40 @@ def ensure_root(root: Path) -> Path:
     except OSError as exc:
         raise ShodhError(f"--root {root}: workspace is not writable ({exc.strerror or exc})") from None
     return root
+
+
+def readable_root(root: Path) -> Path:
+    """An existing workspace that verbs which only read (audit, ui) can use: readable, maybe read-only."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ShodhError(f"--root {root}: no such workspace directory")
+    if not os.access(root, os.R_OK | os.X_OK):
+        raise ShodhError(f"--root {root}: workspace is not readable")
+    return root
+
+
+def check_name(value: str, field: str) -> str:
+    """`value` if it is a plain name, usable as one path component under the root; else a
+    ConfigError naming `field`. A '/', '\\', '.', '..', a leading '.' or an unprintable character
+    would put the directory elsewhere (`../../x`, `/abs/path`), hide it, or garble it."""
+    ok = (isinstance(value, str) and bool(value.strip()) and value.isprintable() and not value.startswith(".")
+          and "/" not in value and "\\" not in value)
+    if not ok:
+        raise ConfigError(f"{field}: {value!r} is not a plain name (one path component: no '/' or '\\', "
+                          f"no leading '.', printable, not empty)")
+    return value
+
+
+def lock_file(folder: Path, holder: str) -> Path:
+    """The lock file of one writer of `folder` (see shodh.io.RunLock): `<folder>/.lock-<holder>`,
+    holder = rank<r> or task<i>, so parallel ranks or array tasks that write disjoint files of one
+    folder never block each other, while a second launch of the same job does."""
+    return Path(folder) / f".lock-{holder}"
+
+
+def raw_lock_file(root: Path, task: int) -> Path:
+    """Beside ROOT/raw, not in it: `simulate --overwrite` replaces the whole folder."""
+    return Path(root) / f".lock-raw-task{task}"
 
 
 def trajectory_name(domain: str, trajectory: int) -> str:
@@ -99,16 +134,22 @@ def latent_dir(root: Path, tokenizer_id: str) -> Path:
 
 
 def runs_dir(root: Path, experiment: str) -> Path:
-    return Path(root) / "runs" / experiment
+    return Path(root) / "runs" / check_name(experiment, "tracking.experiment")
 
 
-def run_dir(root: Path, experiment: str, name: str) -> Path:
-    return runs_dir(root, experiment) / name
+def run_dir(root: Path, experiment: str, name: str, field: str = "--run-name") -> Path:
+    """ROOT/runs/<experiment>/<name>; `name` must be a plain name (`field` names it in the error)."""
+    return runs_dir(root, experiment) / check_name(name, field)
 
 
 def resolve_run_dir(run: str, root: Path, experiment: str) -> Path:
     """--run is a run directory, or a run name under ROOT/runs/<experiment>/."""
-    for candidate in (Path(run), run_dir(root, experiment, run)):
+    candidates = [Path(run)]
+    try:
+        candidates.append(run_dir(root, experiment, run, "--run"))
+    except ConfigError:
+        pass  # a path, not a name: only the directory itself
+    for candidate in candidates:
         if (candidate / "config.yaml").is_file():
             return candidate
     raise ShodhError(f"--run {run}: no run directory with a config.yaml there nor under "

@@ -24,18 +24,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen, log: Path) -> None:
+def wait_healthy(url: str, proc: subprocess.Popen, log: Path) -> None:
+    """Wait until the MLflow server at `url` (process `proc`, output in `log`) answers /health."""
     deadline = time.monotonic() + SERVER_START_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"`shodh ui` exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            raise RuntimeError(f"MLflow server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
                 if r.status == 200:
                     return
         except OSError:
             time.sleep(0.5)
-    raise RuntimeError(f"`shodh ui` not healthy after {SERVER_START_S} s:\n{log.read_text()[-3000:]}")
+    raise RuntimeError(f"MLflow server not healthy after {SERVER_START_S} s:\n{log.read_text()[-3000:]}")
 
 
 @pytest.fixture(scope="session")
@@ -53,7 +54,7 @@ def served_workspace(tmp_path_factory):
                                 stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     saved = os.environ.get("MLFLOW_TRACKING_URI")
     try:
-        _wait_healthy(url, proc, log)
+        wait_healthy(url, proc, log)
         os.environ["MLFLOW_TRACKING_URI"] = url  # every stage logs through the server
         runs = eval_workspace.build(root)
         yield root, runs, url

@@ -30,20 +30,20 @@ def _trajectory(domain: str, rng: np.random.Generator, frames: int, channels: in
 
 
 def make_latents(root: Path, channels: int = 4, window: int = 3, windows_per_traj: int = 2,
-                 trajectories: dict[str, int] | None = None, seed: int = 0, nan: bool = False) -> str:
+                 trajectories: dict[str, int] | None = None, seed: int = 0) -> str:
     """Write ROOT/tokenizer/tokenizer.json and ROOT/latents/<id>/ (one shard per trajectory); return the id.
-    nan=True: every latent is NaN (drives the non-finite step guard)."""
+    Trajectory ids are per domain and unique across splits, as the manifest contract requires."""
     root = Path(root)
     trajectories = trajectories or {"train": 2, "val": 1}
     rng = np.random.default_rng(seed)
     base = root / "latents" / TOKENIZER_ID
     shards, counts = [], {}
+    first = {}  # first trajectory id of each split
     for split, n in trajectories.items():
+        first[split] = sum(trajectories[s] for s in first)
         for domain in ("channel", "porous"):
-            for traj in range(n):
+            for traj in range(first[split], first[split] + n):
                 z_TCXYZ = _trajectory(domain, rng, window * windows_per_traj, channels)
-                if nan:
-                    z_TCXYZ[:] = np.nan
                 rel = f"{split}/{domain}-{traj:06d}.tar"
                 with AtomicShardWriter(base / rel) as w:
                     for k in range(windows_per_traj):
@@ -51,9 +51,9 @@ def make_latents(root: Path, channels: int = 4, window: int = 3, windows_per_tra
                         w.write(f"{domain}_{traj:05d}_{t0:05d}", {
                             "z.npy": z_TCXYZ[t0:t0 + window],
                             "meta.json": {"domain": domain, "trajectory": traj, "t0": t0, "dt": 1.0,
-                                          "tokenizer_id": TOKENIZER_ID}})
-                shards.append({"path": rel, "domain": domain, "split": split, "samples": w.count,
-                               "sha256": w.sha256})
+                                          "tokenizer_id": TOKENIZER_ID, "split": split}})
+                shards.append({"path": rel, "domain": domain, "split": split, "trajectory": traj,
+                               "samples": w.count, "sha256": w.sha256})
                 counts.setdefault(split, {}).setdefault(domain, 0)
                 counts[split][domain] += w.count
     write_json_atomic(base / "manifest.json", {

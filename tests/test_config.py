@@ -53,3 +53,34 @@ def test_bad_override_syntax_and_unknown_profile(tmp_path):
     custom.write_text("sim:\n  framez: 3\n")
     with pytest.raises(ConfigError, match="sim.framez: unknown key"):
         load_config(str(custom))
+
+
+def test_numbers_as_users_write_them(tmp_path):
+    """YAML 1.1 reads `1e-3` (no dot) as a string: a float field takes it as the number it is,
+    from a profile and from an override; inf/nan are refused, naming the field."""
+    profile = tmp_path / "p.yaml"
+    profile.write_text("train:\n  lr: 1e-3\n")
+    assert load_config(str(profile)).train.lr == 1e-3
+    assert load_config("smoke", ["train.lr=1e6"]).train.lr == 1e6
+    for bad in ("train.lr=.inf", "train.lr=-.inf", "train.lr=.nan"):
+        with pytest.raises(ConfigError, match="train.lr: must be a finite number"):
+            load_config("smoke", [bad])
+    with pytest.raises(ConfigError, match="sim.grid: expected int"):
+        load_config("smoke", ["sim.grid=1e3"])  # ints stay strict
+
+
+def test_malformed_yaml_is_one_line_with_its_position(tmp_path):
+    profile = tmp_path / "bad.yaml"
+    profile.write_text("train:\n  lr: [1, 2\n  warmup_steps: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(str(profile))
+    message = str(err.value)
+    assert "\n" not in message and "invalid YAML" in message and "line 3, column" in message
+
+
+def test_solver_memory_is_checked_before_allocating():
+    from shodh.physics.simulate import SimConfig, check_memory
+
+    with pytest.raises(ConfigError, match=r"sim.grid: 4096\^3 in float32 needs about 20480.0 GiB"):
+        check_memory(SimConfig(grid=4096))
+    check_memory(SimConfig(grid=32))

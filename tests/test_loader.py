@@ -19,7 +19,7 @@ import webdataset as wds
 
 from shodh.data.loader import DataConfig, LatentStream, eval_batches, latent_dir, read_manifest
 from shodh.errors import ConfigError, DataError
-from shodh.io import AtomicShardWriter, write_json_atomic
+from shodh.io import AtomicShardWriter, sha256_file, write_json_atomic
 
 TOK = "tok-aaaa"
 C = 2
@@ -197,10 +197,19 @@ def test_tokenizer_id_mismatch_names_both_ids(root):
         LatentStream(cfg(), root, "tok-bbbb", "train", 4, 0, 1, 0)
 
 
-def write_raw_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
+def write_raw_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]], record: bool = False) -> None:
+    """Overwrite a shard with these samples; record=True also updates its manifest sha256 (a shard
+    that was written bad, as opposed to one changed after it was written)."""
     with open(path, "wb") as f, wds.TarWriter(f, encoder=False) as writer:
         for key, members in samples:
             writer.write({"__key__": key, **members})
+    if record:
+        manifest_path = path.parents[1] / "manifest.json"  # <latent dir>/<split>/<shard>
+        manifest = json.loads(manifest_path.read_text())
+        for entry in manifest["shards"]:
+            if manifest_path.parent / entry["path"] == path:
+                entry["sha256"] = sha256_file(path)
+        write_json_atomic(manifest_path, manifest)
 
 
 def npy_bytes(array: np.ndarray, allow_pickle: bool = False) -> bytes:
@@ -227,7 +236,7 @@ def test_bad_npy_names_shard_and_key_or_is_skipped_and_counted(corrupt_root, bad
          "object_array": npy_bytes(np.array([{"x": 1}], dtype=object), allow_pickle=True),
          "wrong_shape": npy_bytes(np.zeros((WINDOW, C, 8, 8, 8), np.float32))}[bad]
     write_raw_shard(shard, [("channel_00000_00000", {**good_members(0, 0, 0), "z.npy": z}),
-                            ("channel_00000_00003", good_members(0, 0, 3))])
+                            ("channel_00000_00003", good_members(0, 0, 3))], record=True)
     for workers in (0, 2):  # a worker process reports the same one-line error
         with pytest.raises(DataError, match=r"^[^\n]*channel-000000\.tar: sample 'channel_00000_00000'[^\n]*$"):
             take(stream(corrupt_root, cfg(weights={"channel": 1.0}, workers=workers), batch=4), 10)
@@ -279,7 +288,7 @@ def test_tokenizer_id_in_sample_meta_is_checked(corrupt_root):
 
 def test_shards_from_a_url_prefix(root, tmp_path):
     # Any WebDataset URL: here a `pipe:` command, as for object storage (`pipe:aws s3 cp ...`).
-    c = cfg(urls=f"pipe:cat {latent_dir(root, TOK)}")
+    c = cfg(urls=f"pipe:cat {latent_dir(root, TOK)}", allow_pipe=True)
     assert_same(take(stream(root, c), 3), take(stream(root), 3))
     assert_same(list(eval_batches(c, tmp_path, TOK, "val", 4, 0, 1)), list(eval_batches(cfg(), root, TOK, "val", 4, 0, 1)))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from latent_fixture import make_latents
+from shodh.errors import ShodhError
 from shodh.tracking import Tracker, TrackingConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,14 +159,112 @@ def test_kill_9_then_resume_matches_uninterrupted(root):
         assert got[step] == pytest.approx(ref[step], abs=1e-6), step
 
 
-def test_non_finite_steps_are_skipped_then_stop(tmp_path):
-    make_latents(tmp_path, nan=True)
-    proc = pretrain(tmp_path, 1, "train.max_bad_steps=2", "tracking.mlflow=false", check=False)
-    assert proc.returncode == 2 and "2 consecutive non-finite steps" in proc.stderr
-    assert "Last good checkpoint: none" in proc.stderr
-    run = tmp_path / "runs" / "shodh" / "smoke-moe"
-    assert [m["train/skipped_steps"] for m in metrics(run) if "train/skipped_steps" in m][-1] == 2
-    assert not (run / "checkpoints" / "latest").exists()
+def test_diverging_run_stops_naming_a_finite_checkpoint_outside_the_streak(root):
+    """lr=1e6: step 1 applies (weights blow up, still finite), then every step is non-finite. No
+    checkpoint is written inside the streak, and the one named on stopping loads back finite."""
+    proc = pretrain(root, 1, "--run-name", "diverge", "train.lr=1e6", "train.ckpt_every=1", "train.max_bad_steps=3",
+                    "tracking.mlflow=false", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    error = proc.stderr.strip().splitlines()[-1]
+    assert "3 of the last 4 steps had non-finite gradients" in error
+    assert "Last good checkpoint (loads, finite weights): step-000001" in error
+    ckpt = root / "runs" / "shodh" / "diverge" / "checkpoints"
+    assert sorted(p.name for p in ckpt.glob("step-*")) == ["step-000001"]  # none inside the streak
+    assert (ckpt / "latest").read_text() == "step-000001" and (ckpt / "step-000001" / "MANIFEST.json").is_file()
+    rows = metrics(ckpt.parent)
+    assert [m["train/skipped_steps"] for m in rows if "train/skipped_steps" in m][-1] == 3
+
+
+def test_interleaved_bad_steps_trip_the_window():
+    """Good and bad steps alternating never make a streak of max_bad_steps; the window catches them."""
+    from types import SimpleNamespace
+
+    from shodh.config import load_config
+    from shodh.train.trainer import Trainer
+
+    logged = []
+    t = Trainer.__new__(Trainer)
+    t.cfg = load_config("smoke", ["train.max_bad_steps=3", "train.bad_window=8"])
+    t.tracker = SimpleNamespace(log_metrics=lambda m, step: logged.append((step, m)))
+    t.last_good, t.ckpt_dir, t.skipped, t.nonfinite_losses, t.bad_in_row = None, Path("/x"), 0, 0, 0
+    t.recent_bad = collections.deque(maxlen=8)
+    t._count_bad(1, applied=True)
+    t._count_bad(2, applied=False)
+    t._count_bad(3, applied=True)
+    t._count_bad(4, applied=False)
+    t._count_bad(5, applied=True)
+    with pytest.raises(ShodhError, match="3 of the last 6 steps"):
+        t._count_bad(6, applied=False)
+    assert logged[-1][1]["train/skipped_steps"] == 3
+
+
+def test_checkpoint_manifest_refuses_tampering_and_foreign_model(root):
+    """Every checkpoint carries a sha256 manifest, verified before DeepSpeed unpickles anything."""
+    args = ["--run-name", "integrity", "train.ckpt_every=2", "tracking.mlflow=false"]
+    pretrain(root, 1, *args, "train.max_steps=2")
+    tag = root / "runs" / "shodh" / "integrity" / "checkpoints" / "step-000002"
+    manifest = json.loads((tag / "MANIFEST.json").read_text())["files"]
+    assert {"mp_rank_00_model_states.pt", "meta.json", "rank-00000.pt"} <= set(manifest)
+
+    states = tag / "mp_rank_00_model_states.pt"
+    original = states.read_bytes()
+    states.write_bytes(original[:-8] + bytes(8))  # same size, other bytes
+    proc = pretrain(root, 1, *args, "train.max_steps=4", check=False)
+    assert proc.returncode == 2 and "mp_rank_00_model_states.pt: sha256" in proc.stderr, proc.stderr[-2000:]
+    states.write_bytes(original)
+
+    (tag / "MANIFEST.json").rename(tag / "manifest.saved")
+    proc = pretrain(root, 1, *args, "train.max_steps=4", check=False)
+    assert proc.returncode == 2 and "no MANIFEST.json" in proc.stderr and "--trust-checkpoint" in proc.stderr
+    proc = pretrain(root, 1, *args, "train.max_steps=4", "--trust-checkpoint")
+    assert "resumed fully at step 2" in proc.stderr
+
+    proc = pretrain(root, 1, *args, "train.max_steps=6", "model.dim=64", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "model.dim: checkpoint 32, now 64" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_second_process_on_a_run_is_refused(root):
+    from shodh.io import RunLock
+    from shodh.workspace import lock_file
+
+    run = root / "runs" / "shodh" / "locked"
+    with RunLock(lock_file(run, "rank0"), "test holder"):
+        t0 = time.monotonic()
+        proc = pretrain(root, 1, "--run-name", "locked", "tracking.mlflow=false", check=False)
+    assert proc.returncode == 2 and f"in use by pid {os.getpid()}" in proc.stderr, proc.stderr[-2000:]
+    assert time.monotonic() - t0 < 60 and not (run / "checkpoints").exists()
+
+
+def test_run_lock_of_a_killed_process_is_taken_over(tmp_path, caplog):
+    from shodh.errors import DataError
+    from shodh.io import RunLock
+
+    path = tmp_path / ".lock-rank0"
+    holder = subprocess.Popen([sys.executable, "-c", f"from shodh.io import RunLock; import time\n"
+                               f"with RunLock({str(path)!r}, 'x'):\n    print('held', flush=True); time.sleep(600)"],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(DataError, match=f"in use by pid {holder.pid}"):
+        RunLock(path, "run x").__enter__()
+    holder.kill()
+    holder.wait()
+    with caplog.at_level("WARNING"), RunLock(path, "run x"):
+        assert f"stale lock of pid {holder.pid}" in caplog.text
+    assert path.read_text() == ""  # released cleanly: an empty record
+
+
+def test_full_disk_during_checkpoint_is_one_line(root):
+    ckpt = root / "runs" / "shodh" / "full" / "checkpoints"
+    ckpt.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(ckpt)], check=True)
+    try:
+        proc = pretrain(root, 1, "--run-name", "full", "train.max_steps=2", "train.ckpt_every=2",
+                        "tracking.mlflow=false", check=False)
+    finally:
+        subprocess.run(["umount", str(ckpt)], check=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "is the disk full? no earlier checkpoint exists" in proc.stderr.strip().splitlines()[-1]
 
 
 def test_tracker_survives_unreachable_mlflow(tmp_path, monkeypatch):
@@ -177,4 +277,5 @@ def test_tracker_survives_unreachable_mlflow(tmp_path, monkeypatch):
     tracker.set_tags({"x": "y"})
     tracker.close()
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in lines] == [0, 1, 2] and lines[2]["train/loss"] == pytest.approx(1 / 3)
+    assert [x["step"] for x in lines if "train/loss" in x] == [0, 1, 2] and lines[2]["train/loss"] == pytest.approx(1 / 3)
+    assert lines[-1]["tracking/dropped"] == 5  # the run, 3 metric batches and the tags never reached MLflow

@@ -163,6 +163,7 @@ def test_corrupt_shard_error_names_shard_and_key(smoke_root, tmp_path):
         (["sim.domains=[channel, lava]"], "sim.domains[1]"),
         (["sim.grid"], "bad override 'sim.grid'"),
         (["sim.gridd=32"], "sim.gridd: unknown key"),
+        (["sim.grid=4096"], "GiB available; lower sim.grid"),  # refused before any allocation
     ],
 )
 def test_cli_bad_input_one_line_errors(tmp_path, args, needle):

@@ -33,8 +33,14 @@ Why not WebDataset's `ResampledShards` / `shuffle` / `RandomMix` / `split_by_wor
 and buffer state cannot be checkpointed (exact resume would mean replaying the whole stream
 from step 0), and `split_by_worker` ties data to worker ids, which DataLoader's round robin
 restarts at worker 0 after a resume. WebDataset still does the I/O: URL opening (`gopen`: local
-paths, `pipe:`, `http(s)://`, ...) and tar-to-sample grouping (`tarfile_to_samples`); samples are
-decoded by `shodh.io.decode_sample` (`allow_pickle=False`).
+paths, `http(s)://`, ...; `pipe:` only with data.allow_pipe, as it runs a shell command) and
+tar-to-sample grouping (`tar_file_iterator`, `group_by_keys`) through `shodh.io.read_shard`, which
+hashes the stream as it goes; samples are decoded by `shodh.io.decode_sample` (`allow_pickle=False`).
+
+Integrity: every shard is read against its manifest entry, sha256 and sample count (checked when
+the shard ends, before any of its samples is used: a shard is read whole before its pairs are
+emitted) and each sample's meta (tokenizer id, split, domain, trajectory); non-finite latents
+are refused. A manifest listing one (domain, trajectory) twice is refused when loaded.
 
 Evaluation (`eval_batches`): one deterministic pass over the split in manifest order. Every
 rank reads all shards of the split (val/test latents are small) and keeps pairs i with
@@ -48,24 +54,25 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from shodh.errors import DataError, check
+from shodh.errors import ConfigError, DataError, check
 from shodh.fields.normalization import LatentNorm
-from shodh.io import decode_sample, read_json
+from shodh.io import ShardCheckError, check_manifest_shards, check_sample_meta, decode_sample, read_json, read_shard
 from shodh.workspace import LATENT, latent_dir
 
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+LATENT_REMEDY = "re-run `shodh encode` (it re-encodes shards that differ from their record)"
 # Distinct RNG stream tags so the mixing and the shard/shuffle draws never share a stream.
 _TAG_MIX, _TAG_ROUND = 1, 2
 
@@ -79,6 +86,9 @@ class DataConfig:
     workers: int = 0  # DataLoader worker processes (0 = in-process); must divide `lanes`
     on_error: Literal["raise", "skip"] = "raise"
     urls: str = ""  # shard location override: local dir or WebDataset URL prefix (pipe:, http(s)://)
+    # `pipe:` URLs run their text as a shell command (WebDataset's gopen), which would make a profile
+    # code: refused unless allow_pipe is set, deliberately, for a profile you trust.
+    allow_pipe: bool = False
     lanes: int = 4  # independent sub-streams per rank; fixes the data independently of `workers`
     prefetch: int = 2  # batches prefetched per worker
 
@@ -96,6 +106,21 @@ class DataConfig:
             f"must be 0 or divide data.lanes={self.lanes}, got {self.workers}",
         )
         check(self.prefetch >= 1, "prefetch", f"must be >= 1, got {self.prefetch}")
+        check(not _pipe_refused(self), "urls", _PIPE_REFUSED.format(self.urls))
+
+
+_PIPE_REFUSED = ("{!r} runs a shell command (WebDataset pipe:); set data.allow_pipe=true to allow it, "
+                 "only for a profile you trust")
+
+
+def _pipe_refused(cfg: DataConfig) -> bool:
+    return urlparse(cfg.urls.strip()).scheme == "pipe" and not cfg.allow_pipe
+
+
+def _check_urls(cfg: DataConfig) -> None:
+    """`validate`'s pipe: refusal, run again by every reader so a DataConfig built in code is held to it."""
+    if _pipe_refused(cfg):
+        raise ConfigError(f"data.urls: {_PIPE_REFUSED.format(cfg.urls)}")
 
 
 def read_manifest(root: Path, tokenizer_id: str, urls: str = "") -> dict:
@@ -123,6 +148,7 @@ def read_manifest(root: Path, tokenizer_id: str, urls: str = "") -> dict:
     for key in ("channels", "domains", "shards", "stats"):
         if key not in manifest:
             raise DataError(f"{where}: latent manifest lacks '{key}'")
+    check_manifest_shards(manifest["shards"], where, LATENT_REMEDY)
     if manifest.get("normalized", False):
         raise DataError(f"{where}: latents are marked normalized; the loader normalizes with stats itself")
     return manifest
@@ -130,9 +156,17 @@ def read_manifest(root: Path, tokenizer_id: str, urls: str = "") -> dict:
 
 @dataclass(frozen=True)
 class _Shard:
+    """One shard and its manifest entry, which every read is checked against."""
+
     url: str
     domain: str
     samples: int
+    split: str
+    trajectory: int
+    sha256: str
+
+    def entry(self) -> dict:
+        return {"split": self.split, "domain": self.domain, "trajectory": self.trajectory}
 
 
 @dataclass(frozen=True)
@@ -153,17 +187,17 @@ class _Source:
     def read_samples(self, shard: _Shard) -> tuple[list[tuple[np.ndarray, dict]], int]:
         """(normalized window z_TCXYZ float32, meta) of every sample of one shard, and how many were skipped.
 
-        Every problem raises a DataError naming the shard and key, unless on_error="skip":
-        then a bad sample is dropped, a broken tar drops its unread tail, and both are counted.
+        The shard is checked against its manifest entry while it streams (`shodh.io.read_shard`):
+        sha256 and sample count once it ends, each sample's meta at once. Every problem raises a
+        DataError naming the shard (and key), unless on_error="skip": then a bad sample is dropped
+        and counted, and a shard that fails as a whole (unreadable tar, checksum or count differing
+        from the manifest) contributes nothing and counts all its manifest samples as skipped.
+        Nothing is returned before the whole shard verified.
         """
         windows: list[tuple[np.ndarray, dict]] = []
-        skipped, last_key = 0, None
-        pipeline = wds.DataPipeline(
-            wds.SimpleShardList([shard.url]), wds.tarfile_to_samples(handler=wds.reraise_exception)
-        )
+        skipped = 0
         try:
-            for raw in pipeline:
-                last_key = raw.get("__key__", "?")
+            for raw in read_shard(shard.url, shard.sha256, shard.samples, LATENT_REMEDY):
                 try:
                     sample = decode_sample(raw, shard.url)
                     windows.append((self._window(sample, shard), sample["meta.json"]))
@@ -171,17 +205,9 @@ class _Source:
                     if self.on_error == "raise":
                         raise
                     skipped += 1
-        except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
-            where = f"after sample '{last_key}'" if last_key else "before the first sample"
-            self._fail(f"{shard.url}: unreadable or truncated tar {where} ({type(exc).__name__}: {exc})")
-            return windows, skipped + max(1, shard.samples - len(windows) - skipped)
-        if len(windows) + skipped != shard.samples:
-            # A tar cut at a member boundary reads cleanly; only the manifest count shows it.
-            self._fail(
-                f"{shard.url}: manifest lists {shard.samples} samples, read {len(windows) + skipped} "
-                f"(last key '{last_key}'; truncated shard?)"
-            )
-            skipped += max(0, shard.samples - len(windows) - skipped)
+        except ShardCheckError as exc:
+            self._fail(str(exc))
+            return [], max(1, shard.samples)
         return windows, skipped
 
     def _fail(self, message: str) -> None:
@@ -199,14 +225,15 @@ class _Source:
         if not isinstance(meta, dict) or meta.get("tokenizer_id") != self.tokenizer_id:
             found = meta.get("tokenizer_id") if isinstance(meta, dict) else meta
             raise DataError(f"{where}: tokenizer_id '{found}' differs from the configured '{self.tokenizer_id}'")
-        if meta.get("domain") != shard.domain:
-            raise DataError(f"{where}: meta domain '{meta.get('domain')}' but the manifest says '{shard.domain}'")
+        check_sample_meta(meta, shard.entry(), where, LATENT_REMEDY)
         z_TCXYZ = sample["z.npy"]
         expected = (self.channels, LATENT, LATENT, LATENT)
         if z_TCXYZ.ndim != 5 or z_TCXYZ.shape[1:] != expected or z_TCXYZ.shape[0] < 2:
             raise DataError(f"{where}: z.npy has shape {z_TCXYZ.shape}, expected [T>=2, {', '.join(map(str, expected))}]")
         if z_TCXYZ.dtype not in (np.float32, np.float16):
             raise DataError(f"{where}: z.npy has dtype {z_TCXYZ.dtype}, expected float32 or float16")
+        if not np.isfinite(z_TCXYZ).all():
+            raise DataError(f"{where}: z.npy contains NaN or inf")
         return np.ascontiguousarray(self.norm.normalize(z_TCXYZ.astype(np.float32)))
 
 
@@ -367,7 +394,8 @@ def _split_shards(manifest: dict, cfg: DataConfig, root: Path, tokenizer_id: str
     """The split's shards in manifest order, with URLs under `cfg.urls` or the local latent dir."""
     base = cfg.urls.rstrip("/") if cfg.urls else str(latent_dir(root, tokenizer_id))
     return [
-        _Shard(url=f"{base}/{s['path']}", domain=s["domain"], samples=int(s["samples"]))
+        _Shard(url=f"{base}/{s['path']}", domain=s["domain"], samples=int(s["samples"]), split=s["split"],
+               trajectory=s["trajectory"], sha256=s["sha256"])
         for s in manifest["shards"]
         if s["split"] == split
     ]
@@ -389,6 +417,7 @@ class LatentStream:
             raise DataError(f"batch size must be >= 1, got {batch_size}")
         self.cfg, self.split, self.tokenizer_id = cfg, split, tokenizer_id
         self.rank, self.world_size, self.seed, self.batch_size = rank, world_size, seed, batch_size
+        _check_urls(cfg)
         manifest = read_manifest(root, tokenizer_id, cfg.urls)
         source = _source(manifest, cfg, tokenizer_id)
         self.domains: list[str] = list(source.domains)
@@ -472,8 +501,10 @@ class LatentStream:
 
 
 def split_samples(cfg: DataConfig, root: Path, tokenizer_id: str, split: str) -> Iterator[tuple[np.ndarray, dict]]:
-    """Every sample of `split` in manifest order, read with the training stream's checks (tokenizer id,
-    domain, shape, dtype, count against the manifest) and normalization: (z_TCXYZ float32, meta)."""
+    """Every sample of `split` in manifest order, read with the training stream's checks (sha256 and
+    count against the manifest; tokenizer id, split, domain, trajectory, shape, dtype, finite values
+    per sample) and normalization: (z_TCXYZ float32, meta)."""
+    _check_urls(cfg)
     manifest = read_manifest(root, tokenizer_id, cfg.urls)
     source = _source(manifest, cfg, tokenizer_id)
     for shard in _split_shards(manifest, cfg, root, tokenizer_id, split):
@@ -491,6 +522,7 @@ def eval_batches(cfg: DataConfig, root: Path, tokenizer_id: str, split: str, bat
     """
     if not 0 <= rank < world_size:
         raise DataError(f"rank {rank} is outside world size {world_size}")
+    _check_urls(cfg)
     manifest = read_manifest(root, tokenizer_id, cfg.urls)
     source = _source(manifest, cfg, tokenizer_id)
     domain_index = {name: d for d, name in enumerate(source.domains)}

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import yaml
 
-from shodh.config import RunConfig, from_dict
+from shodh.config import RunConfig, from_dict, yaml_error
 from shodh.data.loader import DataConfig, read_manifest, split_samples
 from shodh.errors import DataError, ShodhError
 from shodh.eval import plots
@@ -45,7 +45,7 @@ from shodh.eval.routing import route_metrics
 from shodh.fields import metrics as M
 from shodh.fields.normalization import LatentNorm
 from shodh.fields.spectral import divergence_stats
-from shodh.io import iter_shard, write_json_atomic
+from shodh.io import write_json_atomic
 from shodh.model.moe import router_inputs
 from shodh.workspace import latent_dir, resolve_run_dir, resolve_tokenizer_id
 
@@ -68,7 +68,7 @@ def load_run_config(run_dir: Path) -> RunConfig:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise DataError(f"{path}: invalid YAML ({exc})") from None
+        raise DataError(f"{path}: invalid YAML ({yaml_error(exc)})") from None
     return from_dict(RunConfig, data)
 
 
@@ -103,8 +103,9 @@ def _stitch(windows: dict[int, np.ndarray], where: str) -> tuple[np.ndarray, int
 
 def _raw_frames(raw_manifest: dict, root: Path, split: str, domain: str,
                 index: int) -> tuple[dict[int, np.ndarray], np.ndarray, str]:
-    """Raw frames {frame: u [3, N, N, N]} and the mask [N, N, N] of one trajectory."""
-    from shodh.tokenizer.data import frame, shards_of
+    """Raw frames {frame: u [3, N, N, N]} and the mask [N, N, N] of one trajectory, the shard verified
+    against the raw manifest (checksum, count, each frame's meta, dtype and magnitude)."""
+    from shodh.tokenizer.data import raw_frames, shards_of
 
     records = [s for s in shards_of(raw_manifest, root, split)
                if s["domain"] == domain and int(s["trajectory"]) == index]
@@ -113,9 +114,8 @@ def _raw_frames(raw_manifest: dict, root: Path, split: str, domain: str,
                         f"which the latents reference")
     shard = str(records[0]["file"])
     u_by_frame, mask = {}, None
-    for sample in iter_shard(shard):
-        u, mask, meta = frame(sample, shard)
-        u_by_frame[int(meta["frame"])] = u
+    for u, mask_XYZ, meta in raw_frames(records[0]):
+        u_by_frame[int(meta["frame"])], mask = u, mask_XYZ
     return u_by_frame, mask, shard
 
 
@@ -286,7 +286,8 @@ def evaluate(cfg: RunConfig, root: Path, run: str) -> dict:
                          f"from {latent_dir(root, tokenizer_id)} (copy them there)")
     manifest = read_manifest(root, tokenizer_id)
     domains = list(manifest["domains"])
-    model, step, device, dtype = load_for_inference(run_cfg, run_dir, int(manifest["channels"]))
+    model, step, device, dtype = load_for_inference(run_cfg, run_dir, int(manifest["channels"]),
+                                                    trust=cfg.train.trust_checkpoint)
     tok = load_tokenizer(root, device=device)
     if tok.id != tokenizer_id:
         raise DataError(f"{root / 'tokenizer'}: tokenizer {tok.id} is not the one run {run_dir.name} was trained on "

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from shodh.errors import check
+from shodh.workspace import check_name
 
 
 @dataclass
@@ -20,6 +21,8 @@ class StudyConfig:
     conflict_batch: int = 2  # samples per held-out batch
 
     def validate(self) -> None:
+        if self.name:  # empty: <profile>-study
+            check_name(self.name, "name")  # a directory under ROOT/runs/<experiment>/
         check(self.seeds >= 1, "seeds", f"must be >= 1, got {self.seeds}")
         check(len(set(self.arms)) == len(self.arms), "arms", f"lists an arm twice: {self.arms}")
         check(self.bootstrap >= 1, "bootstrap", f"must be >= 1, got {self.bootstrap}")

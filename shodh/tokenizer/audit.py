@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from shodh.errors import DataError
 from shodh.fields.normalization import Normalization
 from shodh.fields.spectral import divergence_stats, resample, resample_mask
-from shodh.io import iter_shard, read_json
-from shodh.tokenizer.data import frame, shards_of
+from shodh.tokenizer.data import load_raw_manifest, raw_frames, shards_of
 from shodh.tokenizer.model import TokenizerNet, build_net, load_tokenizer, velocity
 from shodh.workspace import LATENT, raw_manifest_path, tokenizer_dir
 
@@ -30,8 +30,12 @@ def real_fields(manifest: dict, root: Path, n: int) -> list[tuple[str, torch.Ten
         for split in ("val", "test", "train"):
             shards = [s for s in shards_of(manifest, root, split) if s["domain"] == domain]
             if shards:
-                sample = next(iter(iter_shard(shards[0]["file"])))
-                u, mask, _ = frame(sample, str(shards[0]["file"]))
+                first = None
+                for item in raw_frames(shards[0]):  # to the end: the checksum is verified there
+                    first = item if first is None else first
+                if first is None:
+                    raise DataError(f"{shards[0]['file']}: no frames")
+                u, mask, _ = first
                 u = torch.from_numpy(u).double()
                 # At the decoder's grid the stored field is used as is (resample would also drop
                 # its ~0 Nyquist plane).
@@ -75,7 +79,7 @@ def run_audit(cfg, root: Path, grid: int | None = None) -> dict:
     n = grid or (tok.grid if tok else cfg.sim.grid)
     raw = raw_manifest_path(root)
     # Any raw grid will do: real fields are resampled to n^3.
-    manifest = read_json(raw, "raw manifest") if raw.exists() else None
+    manifest = load_raw_manifest(root) if raw.exists() else None
     if tok is not None and tok.grid == n:
         net, norm, operator, weights = tok.net, tok.norm, tok.operator, f"trained {tok.id}"
     else:

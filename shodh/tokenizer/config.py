@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from shodh.errors import check
+from shodh.workspace import check_name
 
 
 @dataclass
@@ -40,8 +41,7 @@ class TokenizerConfig:
         for name in ("blocks", "warmup", "eval_every", "shuffle_buffer", "eval_fields", "threads"):
             check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
         check(self.window >= 2, "window", f"must be >= 2 (pretraining needs consecutive frames), got {self.window}")
-        check(bool(self.run_name.strip()) and "/" not in self.run_name, "run_name",
-              f"must be a non-empty name without '/', got {self.run_name!r}")
+        check_name(self.run_name, "run_name")  # a directory under ROOT/runs/<experiment>/
 
     def architecture(self) -> dict:
         return {"channels": self.channels, "width": self.width, "hidden": self.hidden, "blocks": self.blocks,

@@ -31,18 +31,19 @@ from shodh.distributed import DistInfo
 from shodh.errors import DataError
 from shodh.io import (
     AtomicShardWriter,
+    RunLock,
     collect_parts,
-    iter_shard,
     moments,
     read_json,
+    remove_stale_temporaries,
     sha256_file,
     split_counts,
     write_json_atomic,
 )
-from shodh.tokenizer.data import frame, load_raw_manifest
+from shodh.tokenizer.data import load_raw_manifest, raw_frames, shards_of
 from shodh.tokenizer.model import Tokenizer, load_tokenizer
 from shodh.tokenizer.train import setup_process
-from shodh.workspace import LATENT, SPLITS, latent_dir, part_file, raw_dir, shard_file
+from shodh.workspace import LATENT, SPLITS, latent_dir, lock_file, part_file, shard_file
 
 log = logging.getLogger(__name__)
 MANIFEST_FORMAT = "shodh-latents-1"
@@ -75,14 +76,17 @@ def is_done(out: Path, record: dict, window: int) -> bool:
 
 
 @torch.no_grad()
-def encode_trajectory(tok: Tokenizer, record: dict, raw_file: Path, out: Path, window: int, batch: int,
-                      bar: tqdm | None) -> dict:
-    """Encode one raw trajectory shard into its latent shard; returns its part record."""
+def encode_trajectory(tok: Tokenizer, record: dict, out: Path, window: int, batch: int, bar: tqdm | None) -> dict:
+    """Encode one raw trajectory shard (a `shards_of` record) into its latent shard; returns its part record.
+
+    Nothing is written unless the whole raw shard verified (checksum, count, meta, values: the
+    check ends with its last frame, and every frame is read before encoding) and every latent is finite.
+    """
+    raw_file = record["file"]
     u_list, masks, metas = [], [], []
-    for sample in iter_shard(raw_file):
-        u, mask, meta = frame(sample, str(raw_file))
+    for u, mask, meta in raw_frames(record):
         if u.shape[-1] != tok.grid:
-            raise DataError(f"{raw_file}: sample '{sample['__key__']}' has grid {u.shape[-1]}, "
+            raise DataError(f"{raw_file}: frame {meta.get('frame', len(u_list))} has grid {u.shape[-1]}, "
                             f"tokenizer {tok.id} expects {tok.grid}")
         u_list.append(u), masks.append(mask), metas.append(meta)
     if len(u_list) < 2:
@@ -95,6 +99,11 @@ def encode_trajectory(tok: Tokenizer, record: dict, raw_file: Path, out: Path, w
         if bar is not None:
             bar.update(len(u_t))
     z_TCxyz = torch.cat(z_chunks).numpy()
+    finite_T = np.isfinite(z_TCxyz.reshape(len(z_TCxyz), -1)).all(axis=1)
+    if not finite_T.all():
+        t = int(np.argmin(finite_T))
+        raise DataError(f"{raw_file}: frame {metas[t].get('frame', t)} encodes to NaN/inf latents with tokenizer "
+                        f"{tok.id}; no latent shard written (check or retrain the tokenizer)")
     shard = _shard(out, record)
     with AtomicShardWriter(shard) as writer:
         for t0, t1 in windows(len(z_TCxyz), window):
@@ -139,7 +148,19 @@ def encode(cfg, root: Path, info: DistInfo) -> dict | None:
         raise DataError(f"{Path(root) / 'tokenizer' / 'tokenizer.json'}: tokenizer {tok.id} has grid {tok.grid}, "
                         f"raw data has {raw_manifest['grid']}; retrain with `shodh train-tokenizer`")
     out = latent_dir(root, tok.id)
-    mine = raw_manifest["shards"][info.rank :: info.world_size]
+    with RunLock(lock_file(out, f"rank{info.rank}"), f"encoding (rank {info.rank})"):
+        _encode_mine(tok, raw_manifest, root, out, tcfg, info)
+    if info.distributed:
+        torch_dist.barrier()
+    return merge_manifest(out, tok, raw_manifest, tcfg.window) if info.is_main else None
+
+
+def _encode_mine(tok: Tokenizer, raw_manifest: dict, root: Path, out: Path, tcfg, info: DistInfo) -> None:
+    mine = shards_of(raw_manifest, root, None)[info.rank :: info.world_size]
+    # A killed encode leaves `<file>.tmp-<pid>`; only this rank writes its trajectories' files
+    # (and rank 0 the manifest), so it alone clears their debris.
+    remove_stale_temporaries([p for r in mine for p in (_shard(out, r), _part(out, r))]
+                             + ([out / "manifest.json"] if info.is_main else []))
     todo = [r for r in mine if not is_done(out, r, tcfg.window)]
     if len(todo) < len(mine):
         log.info("resuming: %d of %d trajectories already encoded", len(mine) - len(todo), len(mine))
@@ -148,8 +169,5 @@ def encode(cfg, root: Path, info: DistInfo) -> dict | None:
     with tqdm(total=total, desc=f"encode {tok.id}", unit="frame", disable=not info.is_main) as bar:
         for record in todo:
             bar.set_postfix_str(str(_shard(out, record).relative_to(out)))
-            encode_trajectory(tok, record, raw_dir(root) / record["path"], out, tcfg.window, tcfg.encode_batch, bar)
+            encode_trajectory(tok, record, out, tcfg.window, tcfg.encode_batch, bar)
     log.info("rank %d encoded %d trajectories (%d frames) in %.1f s", info.rank, len(todo), total, time.perf_counter() - t0)
-    if info.distributed:
-        torch_dist.barrier()
-    return merge_manifest(out, tok, raw_manifest, tcfg.window) if info.is_main else None

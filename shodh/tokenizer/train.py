@@ -25,13 +25,13 @@ from shodh.errors import DataError
 from shodh.fields.metrics import vrmse_BC
 from shodh.fields.normalization import Normalization
 from shodh.fields.spectral import divergence_stats
-from shodh.io import iter_shard, sha256_file, sha256_json, write_atomic, write_json_atomic
+from shodh.io import RunLock, sha256_file, sha256_json, write_atomic, write_json_atomic
 from shodh.schedule import lr_factor
 from shodh.tokenizer.config import TokenizerConfig
-from shodh.tokenizer.data import frame, load_raw_manifest, shards_of, stream_fields
+from shodh.tokenizer.data import load_raw_manifest, raw_frames, shards_of, stream_fields
 from shodh.tokenizer.model import CHECKPOINT_FORMAT, TokenizerNet, build_net, velocity
 from shodh.tracking import Tracker
-from shodh.workspace import HELD_OUT, LATENT, tokenizer_dir
+from shodh.workspace import HELD_OUT, LATENT, lock_file, tokenizer_dir
 from shodh.workspace import run_dir as workspace_run_dir
 
 log = logging.getLogger(__name__)
@@ -68,10 +68,11 @@ def evaluate(net: TokenizerNet, norm: Normalization, operator: str, manifest: di
         acc: dict[str, list] = {"mse": [], "vrmse": [], "leak": [], "leak_raw": [], "div": []}
         seen = 0
         for shard in (s for s in shards_of(manifest, root, split) if s["domain"] == domain):
-            for sample in iter_shard(shard["file"]):
+            if max_fields and seen >= max_fields:
+                break
+            for u, mask, _ in raw_frames(shard):
                 if max_fields and seen >= max_fields:
-                    break
-                u, mask, _ = frame(sample, str(shard["file"]))
+                    continue  # read on to the shard's end: its checksum is verified there
                 u_t = torch.from_numpy(u)[None].to(device)
                 m_t = torch.from_numpy(mask.astype(np.float32))[None].to(device)
                 _, rec = reconstruct(net, norm, operator, u_t, m_t, domain)
@@ -134,6 +135,11 @@ def lr_at(step: int, cfg: TokenizerConfig) -> float:
 
 def train(cfg, root: Path, info: DistInfo) -> dict:
     """Train (or resume) the tokenizer of RunConfig `cfg`; returns tokenizer.json's content on rank 0."""
+    with RunLock(lock_file(tokenizer_dir(root), f"rank{info.rank}"), f"tokenizer training (rank {info.rank})"):
+        return _train(cfg, Path(root), info)
+
+
+def _train(cfg, root: Path, info: DistInfo) -> dict:
     tcfg: TokenizerConfig = cfg.tokenizer
     device = setup_process(tcfg, info)
     manifest = load_raw_manifest(root, cfg.sim.grid)
@@ -169,7 +175,8 @@ def train(cfg, root: Path, info: DistInfo) -> dict:
     run_dir = workspace_run_dir(root, cfg.tracking.experiment, tcfg.run_name)
     tracker = Tracker(cfg.tracking, root, run_dir, tcfg.run_name,
                       params={"tokenizer": dataclasses.asdict(tcfg), "grid": manifest["grid"], "seed": cfg.seed},
-                      tags={"stage": "tokenizer", "operator": tcfg.operator}, is_main=info.is_main)
+                      tags={"stage": "tokenizer", "operator": tcfg.operator}, is_main=info.is_main,
+                      resume_step=step)
     stream = stream_fields(train_shards, seed=cfg.seed * 1000 + info.rank + 7919 * step, buffer=tcfg.shuffle_buffer)
     weights = {d: torch.tensor(norm.loss_weights(d), device=device).view(3, 1, 1, 1) for d in manifest["domains"]}
     net.train()

@@ -7,6 +7,13 @@ Layout of `RUN_DIR/checkpoints/`:
   (step and parallel layout, read before DeepSpeed touches anything).
 - `latest`: the tag, rewritten atomically by rank 0 only after every rank finished writing,
   so a crash mid-save leaves the previous checkpoint as `latest`.
+- `MANIFEST.json` in each tag: sha256 and size of every file of the checkpoint, written by rank 0
+  after all ranks finished and before `latest` moves. Resume and inference verify it before
+  anything is unpickled, and refuse a checkpoint without one unless train.trust_checkpoint
+  (`--trust-checkpoint`): a corrupted or swapped file is found before DeepSpeed's
+  `torch.load(weights_only=False)` runs code from it.
+A checkpoint is only written from finite state (parameters and Adam moments, one fused norm per
+rank, all-reduced): a save is skipped, not written, when the state is not finite.
 DeepSpeed's own loader unpickles its files (`torch.load(weights_only=False)`): only resume
 from checkpoints you wrote. Inference (`load_for_inference`: evaluation, the study's probes) reads
 only the model-state files, with `weights_only=True`, into a plain model: no engine, no optimizer.
@@ -14,7 +21,9 @@ only the model-state files, with `weights_only=True`, into a plain model: no eng
 
 from __future__ import annotations
 
+import logging
 import re
+import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -22,9 +31,11 @@ import torch
 import torch.distributed as dist
 
 from shodh.errors import DataError, ShodhError
-from shodh.io import read_json, write_atomic, write_json_atomic, write_text_atomic
+from shodh.io import read_json, sha256_file, write_atomic, write_json_atomic, write_text_atomic
 
+log = logging.getLogger(__name__)
 LATEST = "latest"
+MANIFEST = "MANIFEST.json"
 
 
 def tag_for(step: int) -> str:
@@ -51,20 +62,78 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def state_is_finite(engine) -> bool:
+    """True on every rank when every rank's parameters and optimizer moments are finite: one fused
+    norm per tensor list (torch._foreach_norm), a non-finite norm marks the rank, all-reduced."""
+    tensors = [p.detach() for p in engine.module.parameters()]
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps the torch optimizer
+    for state in getattr(base, "state", {}).values():
+        tensors += [v for v in state.values() if torch.is_tensor(v) and v.is_floating_point()]
+    norms = torch._foreach_norm([t.float() for t in tensors]) if tensors else []
+    bad = torch.tensor([0.0 if all(torch.isfinite(n) for n in norms) else 1.0], device=engine.device)
+    if dist.is_initialized():
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return bool(bad.item() == 0)
+
+
+def _sha256_entry(path: Path) -> dict:
+    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
+def write_manifest(folder: Path) -> None:
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != MANIFEST and ".tmp-" not in p.name)
+    write_json_atomic(folder / MANIFEST, {"files": {p.name: _sha256_entry(p) for p in files}})
+
+
+def verify(folder: Path, trust: bool = False, names: list[str] | None = None) -> None:
+    """Check the checkpoint's files against its MANIFEST.json (all of them, or `names`) before any is
+    loaded. No manifest: refused unless `trust` (train.trust_checkpoint / --trust-checkpoint)."""
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        if trust:
+            log.warning("%s: no %s; loading it anyway (train.trust_checkpoint)", folder, MANIFEST)
+            return
+        raise ShodhError(f"{folder}: no {MANIFEST} (not written by this version of shodh, or an incomplete copy); "
+                         f"DeepSpeed would unpickle its files unverified. Pass --trust-checkpoint "
+                         f"(train.trust_checkpoint=true) only for checkpoints you wrote yourself")
+    files = read_json(manifest_path, "checkpoint manifest").get("files", {})
+    for name in names if names is not None else sorted(files):
+        path = folder / name
+        if name not in files:
+            raise DataError(f"{path}: not listed in {manifest_path}")
+        if not path.is_file():
+            raise DataError(f"{path}: listed in {MANIFEST} but missing")
+        found = _sha256_entry(path)
+        if found != files[name]:
+            raise DataError(f"{path}: sha256 {found['sha256'][:16]} ({found['bytes']} bytes) does not match "
+                            f"{MANIFEST} ({files[name]['sha256'][:16]}, {files[name]['bytes']} bytes): "
+                            f"corrupted or replaced; resume from another checkpoint")
+
+
 def save(engine, ckpt_dir: Path, step: int, rank: int, layout: dict, loader_state: dict, config: dict) -> str:
     """Write a complete checkpoint for `step` on every rank; move `latest` to it last."""
     tag = tag_for(step)
     folder = ckpt_dir / tag
-    folder.mkdir(parents=True, exist_ok=True)
-    mine = {"loader": loader_state, "rng": rng_state()}
-    write_atomic(folder / f"rank-{rank:05d}.pt", lambda tmp: torch.save(mine, tmp))
-    if rank == 0:
-        write_json_atomic(folder / "meta.json", {"step": step, **layout})
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, "config": config},
-                           save_latest=False)
-    dist.barrier()  # every rank's files are on disk before `latest` points at them
-    if rank == 0:
-        write_text_atomic(ckpt_dir / LATEST, tag)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        mine = {"loader": loader_state, "rng": rng_state()}
+        write_atomic(folder / f"rank-{rank:05d}.pt", lambda tmp: torch.save(mine, tmp))
+        if rank == 0:
+            write_json_atomic(folder / "meta.json", {"step": step, **layout, "model": config["model"]})
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, "config": config},
+                               save_latest=False)
+        dist.barrier()  # every rank's files are on disk before the manifest covers them
+        if rank == 0:
+            write_manifest(folder)
+            write_text_atomic(ckpt_dir / LATEST, tag)
+    except (OSError, RuntimeError) as exc:
+        # torch.save reports a full disk as RuntimeError ("basic_ios::clear" / "unexpected pos").
+        latest = latest_tag(ckpt_dir)
+        if latest != tag:
+            shutil.rmtree(folder, ignore_errors=True)  # a partial tag is never picked up, but takes space
+        kept = f"`latest` still names {latest}, which is intact" if latest else "no earlier checkpoint exists"
+        raise ShodhError(f"{folder}: writing the checkpoint failed ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); is the disk full? {kept}") from None
     dist.barrier()
     return tag
 
@@ -74,13 +143,23 @@ def latest_tag(ckpt_dir: Path) -> str | None:
     return path.read_text().strip() if path.is_file() else None
 
 
-def inspect(ckpt_dir: Path, layout: dict, mode: str) -> tuple[str, int] | None:
+def inspect(ckpt_dir: Path, layout: dict, mode: str, model: dict | None = None) -> tuple[str, int] | None:
     """(tag, step) of `latest`, or None. Checked before anything is built: mode "auto" restores
-    everything and needs the same layout; "weights" takes the model weights to any layout."""
+    everything and needs the same layout; "weights" takes the model weights to any layout. Both
+    need the model config the checkpoint was trained with (`model`, the resolved model.* section;
+    ep_size aside, which is layout)."""
     tag = latest_tag(ckpt_dir)
     if tag is None:
         return None
     meta = read_json(ckpt_dir / tag / "meta.json", "checkpoint meta")
+    saved_model = meta.get("model")
+    if model is not None and saved_model is not None:
+        differ = sorted(k for k in set(model) | set(saved_model)
+                        if k != "ep_size" and model.get(k) != saved_model.get(k))
+        if differ:
+            pairs = ", ".join(f"model.{k}: checkpoint {saved_model.get(k)!r}, now {model.get(k)!r}" for k in differ)
+            raise ShodhError(f"{ckpt_dir / tag}: trained with another model ({pairs}); resume with the run's "
+                             f"model config or start a new run (--run-name)")
     saved = {k: meta.get(k) for k in layout}
     if mode == "auto" and saved != layout:
         raise ShodhError(
@@ -93,7 +172,8 @@ def inspect(ckpt_dir: Path, layout: dict, mode: str) -> tuple[str, int] | None:
     return tag, int(meta["step"])
 
 
-def restore(engine, ckpt_dir: Path, tag: str, rank: int, mode: str) -> Resumed:
+def restore(engine, ckpt_dir: Path, tag: str, rank: int, mode: str, trust: bool = False) -> Resumed:
+    verify(ckpt_dir / tag, trust)  # before DeepSpeed unpickles any of it
     if mode == "weights":
         engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_only=True, load_optimizer_states=False,
                                load_lr_scheduler_states=False)
@@ -107,8 +187,8 @@ def restore(engine, ckpt_dir: Path, tag: str, rank: int, mode: str) -> Resumed:
 
 
 def checkpoint_tags(ckpt_dir: Path) -> list[str]:
-    """Tags of the complete checkpoints of a run (those with our meta.json), in step order."""
-    return sorted(p.name for p in Path(ckpt_dir).glob("step-*") if (p / "meta.json").is_file())
+    """Tags of the complete checkpoints of a run (those with a manifest, written last), in step order."""
+    return sorted(p.name for p in Path(ckpt_dir).glob("step-*") if (p / MANIFEST).is_file())
 
 
 def _load_states(path: Path) -> dict:
@@ -123,7 +203,7 @@ def _load_states(path: Path) -> dict:
 EXPERT_FILE = re.compile(r"layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt$")
 
 
-def load_weights(model: torch.nn.Module, ckpt_dir: Path, tag: str) -> int:
+def load_weights(model: torch.nn.Module, ckpt_dir: Path, tag: str, trust: bool = False) -> int:
     """Load checkpoint `tag` into a single-process model (every expert local, ep_size=1); returns its step.
 
     DeepSpeed stores the non-expert weights in `mp_rank_00_model_states.pt` ("module") and every
@@ -132,11 +212,13 @@ def load_weights(model: torch.nn.Module, ckpt_dir: Path, tag: str) -> int:
     merge into this model's state dict as they are. Strict: a missing or extra key is an error.
     """
     folder = Path(ckpt_dir) / tag
+    names = ["meta.json", "mp_rank_00_model_states.pt"] + sorted(p.name for p in folder.iterdir()
+                                                                 if EXPERT_FILE.match(p.name))
+    verify(folder, trust, names)
     step = int(read_json(folder / "meta.json", "checkpoint meta")["step"])
     state = dict(_load_states(folder / "mp_rank_00_model_states.pt")["module"])
-    for path in sorted(folder.iterdir()):
-        if EXPERT_FILE.match(path.name):
-            state.update(_load_states(path))
+    for name in names[2:]:
+        state.update(_load_states(folder / name))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise DataError(f"{folder}: weights do not fit this model (missing {missing[:4]}, unexpected "
@@ -144,7 +226,7 @@ def load_weights(model: torch.nn.Module, ckpt_dir: Path, tag: str) -> int:
     return step
 
 
-def load_for_inference(run_cfg, run_dir: Path, channels: int, tag: str | None = None):
+def load_for_inference(run_cfg, run_dir: Path, channels: int, tag: str | None = None, trust: bool = False):
     """The run's latest checkpoint (or `tag`) as a plain model in eval mode on this process's device,
     in the precision the run trained in: (model, step, device, dtype). No engine, no optimizer."""
     from shodh.distributed import choose_device, dist_info
@@ -159,5 +241,17 @@ def load_for_inference(run_cfg, run_dir: Path, channels: int, tag: str | None = 
     device = choose_device("auto", dist_info())
     dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") and device.type == "cuda" else torch.float32
     model = LatentTransformer(replace(run_cfg.model, ep_size=1), channels, seed=run_cfg.seed)
-    step = load_weights(model, ckpt_dir, tag)
+    step = load_weights(model, ckpt_dir, tag, trust or run_cfg.train.trust_checkpoint)
     return model.to(device, dtype).eval(), step, device, dtype
+
+
+def finite_weights(model_cfg, run_dir: Path, channels: int, tag: str) -> bool:
+    """Whether checkpoint `tag` loads (manifest verified) and holds only finite weights."""
+    from shodh.model.transformer import LatentTransformer
+
+    model = LatentTransformer(replace(model_cfg, ep_size=1), channels)
+    try:
+        load_weights(model, Path(run_dir) / "checkpoints", tag)
+    except ShodhError:
+        return False
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())

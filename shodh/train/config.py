@@ -27,7 +27,9 @@ class TrainConfig:
     val_micro_batch: int = 8
     ckpt_every: int = 100  # also at the end
     resume: Literal["auto", "weights"] = "auto"  # weights: model only, into any world/ep layout
-    max_bad_steps: int = 5  # stop after this many consecutive non-finite (skipped) steps
+    max_bad_steps: int = 5  # stop once this many of the last `bad_window` steps were non-finite (skipped)
+    bad_window: int = 50  # steps over which skipped steps are counted (a streak of max_bad_steps counts too)
+    trust_checkpoint: bool = False  # resume from / evaluate a checkpoint without shodh's sha256 manifest
     peak_flops: float = 0.0  # per device, FLOP/s, for perf/mfu; 0 = measure a dense matmul at startup
 
     def validate(self) -> None:
@@ -44,3 +46,5 @@ class TrainConfig:
         check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
         check(self.val_batches >= 0, "val_batches", f"must be >= 0, got {self.val_batches}")
         check(self.peak_flops >= 0, "peak_flops", f"must be >= 0, got {self.peak_flops}")
+        check(self.bad_window >= self.max_bad_steps, "bad_window",
+              f"must be >= train.max_bad_steps={self.max_bad_steps}, got {self.bad_window}")

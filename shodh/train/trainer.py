@@ -5,8 +5,12 @@ shodh.pretrain` and `srun python -m shodh.pretrain` all run. It builds a `Traine
 state: engine, stream, telemetry, tracker, counters) and calls `fit()`. Per optimizer step and
 rank: grad_accum micro batches of z_t -> z_{t+1}; loss = MSE + model.aux_loss_coef * Σ aux.
 A step whose gradients are not finite is skipped by DeepSpeed's ZeRO optimizer (fp32 always;
-bf16 with `check_grad_overflow`, set in ds_configs/): we count it, and stop after
-train.max_bad_steps in a row, leaving the last good checkpoint as `latest`.
+bf16 with `check_grad_overflow`, set in ds_configs/): we count it, and stop once
+train.max_bad_steps of the last train.bad_window steps were skipped (a streak, or bad steps
+interleaved with good ones). No checkpoint is written while the latest step was skipped or when
+the state is not finite (checkpoint.state_is_finite), so `latest` only ever names a finite state
+from outside a bad streak; on a stop, that checkpoint is loaded back and checked before it is
+named as the one to resume from.
 
 Training knows nothing of evaluation: later stages plug in as `Callback`s (shodh.eval.callbacks
 gives the decoded validation and the routing heatmap), called at validations, at routing flushes
@@ -17,15 +21,17 @@ dense), train/aux_loss (Σ over MoE layers of DeepSpeed's Switch loss, unweighte
 train/grad_norm, train/skipped_steps, perf/tokens_per_s (latent tokens = patches, whole world),
 perf/mfu (model FLOPs/s over world x per-device peak; the peak is train.peak_flops or a dense
 matmul measured at startup, named in the `mfu_peak` tag), route/* (moe.RoutingTelemetry),
-val/<domain>/latent_mse (no token dropping).
+val/<domain>/latent_mse (no token dropping), train/skipped_samples (data.on_error=skip),
+train/nonfinite_loss_steps (steps whose loss was NaN/inf; the loss itself is then not logged).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
-import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -38,14 +44,14 @@ from shodh.config import RunConfig
 from shodh.data.loader import LatentStream, eval_batches, read_manifest
 from shodh.distributed import DistInfo, choose_device, init_process_group
 from shodh.errors import ShodhError
-from shodh.io import write_json_atomic, write_text_atomic
+from shodh.io import RunLock, write_json_atomic, write_text_atomic
 from shodh.model.moe import RoutingTelemetry, no_token_dropping, router_inputs
 from shodh.model.params import count_params
 from shodh.model.transformer import forward_flops_per_token
 from shodh.tracking import Tracker
 from shodh.train import checkpoint, preempt
 from shodh.train.engine import build_engine, check_layout, load_ds_config
-from shodh.workspace import resolve_tokenizer_id, run_dir
+from shodh.workspace import lock_file, resolve_tokenizer_id, run_dir
 
 log = logging.getLogger(__name__)
 
@@ -92,15 +98,6 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop lines logged after `step` (a crash between checkpoints logged them; the resumed run
-    logs those steps again), so metrics.jsonl holds each step once."""
-    if not path.is_file():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    write_text_atomic(path, "".join(line + "\n" for line in keep))
-
-
 def _mean_over_world(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
@@ -118,9 +115,9 @@ class Trainer:
         self.run_dir = run_dir_for(cfg, self.root, run_name)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.layout_key = {"world_size": info.world_size, "ep_size": cfg.model.ep_size}
-        found = checkpoint.inspect(self.ckpt_dir, self.layout_key, train.resume)
+        found = checkpoint.inspect(self.ckpt_dir, self.layout_key, train.resume, dataclasses.asdict(cfg.model))
         self.tokenizer_id = resolve_tokenizer_id(self.root, train.tokenizer_id)
-        channels = int(read_manifest(self.root, self.tokenizer_id, cfg.data.urls)["channels"])
+        self.channels = channels = int(read_manifest(self.root, self.tokenizer_id, cfg.data.urls)["channels"])
         ds_config = load_ds_config(train, self.layout)
 
         self.device = choose_device("auto", info)
@@ -137,7 +134,8 @@ class Trainer:
                                    seed=cfg.seed + (start if weights_only else 0))
         self.step = 0
         if found:
-            resumed = checkpoint.restore(self.engine, self.ckpt_dir, found[0], info.rank, train.resume)
+            resumed = checkpoint.restore(self.engine, self.ckpt_dir, found[0], info.rank, train.resume,
+                                         train.trust_checkpoint)
             self.step = resumed.step
             if resumed.loader_state is not None:
                 self.stream.load_state_dict(resumed.loader_state)
@@ -155,11 +153,11 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_text_atomic(self.run_dir / "config.yaml", yaml.safe_dump(self.resolved, sort_keys=False))
             write_json_atomic(self.run_dir / "ds_config.json", ds_config)
-            if self.step:
-                _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
         mix = ",".join(f"{d}:{w:g}" for d, w in cfg.data.weights.items() if w > 0)
+        # resume_step: metrics.jsonl keeps steps <= self.step (none on a fresh start or a restart
+        # before the first checkpoint), and MLflow does not get the later ones a second time.
         self.tracker = Tracker(cfg.tracking, self.root, self.run_dir, self.run_dir.name, params=self.resolved,
-                               is_main=info.is_main,
+                               is_main=info.is_main, resume_step=self.step,
                                tags={"model": "moe" if cfg.model.kind == "moe" else "dense",
                                      "model_kind": cfg.model.kind, "mix": mix, "tokenizer_id": self.tokenizer_id,
                                      "mfu_peak": peak_note, "params_total": str(params["total"]),
@@ -171,6 +169,9 @@ class Trainer:
         self.telemetry = (RoutingTelemetry(self.model, self.stream.domains, cfg.model.num_experts)
                           if cfg.model.kind == "moe" else None)
         self.skipped = 0  # non-finite steps skipped so far in this process
+        self.nonfinite_losses = 0  # steps whose mean loss was NaN/inf
+        self.bad_in_row = 0
+        self.recent_bad: collections.deque[bool] = collections.deque(maxlen=train.bad_window)
 
     @property
     def domains(self) -> list[str]:
@@ -199,7 +200,7 @@ class Trainer:
             callback.on_start(self)
         batches = iter(self.stream)
         mse_sum = aux_sum = 0.0
-        n_logged = bad_in_row = 0
+        n_logged = 0
         busy = 0.0  # seconds spent in training steps since the last log (no validation, no checkpoints)
         while self.step < train.max_steps:
             t0 = time.perf_counter()
@@ -211,15 +212,7 @@ class Trainer:
             self.step += 1
             n_logged += 1
             step = self.step
-            if self.engine.was_step_applied():
-                bad_in_row = 0
-            else:
-                bad_in_row, self.skipped = bad_in_row + 1, self.skipped + 1
-                log.warning("step %d: non-finite gradients, step skipped (%d in a row)", step, bad_in_row)
-                if bad_in_row >= train.max_bad_steps:
-                    self.tracker.log_metrics({"train/skipped_steps": self.skipped}, step)
-                    raise ShodhError(f"{bad_in_row} consecutive non-finite steps (train.max_bad_steps); stopped at "
-                                     f"step {step}. Last good checkpoint: {self.last_good or 'none'} in {self.ckpt_dir}")
+            self._count_bad(step, applied=self.engine.was_step_applied())
             last = step == train.max_steps
             if step % train.log_every == 0 or last:
                 self._log_train(mse_sum / n_logged, aux_sum / n_logged, busy, n_logged)
@@ -233,15 +226,43 @@ class Trainer:
                 for callback in self.callbacks:
                     self.tracker.log_metrics(callback.on_validation(self, step), step)
             if step % train.ckpt_every == 0 or last:
-                self.last_good = self.save()
+                self.last_good = self.save() or self.last_good
             if not last and preempt.requested(self.device):
                 if step % train.ckpt_every != 0:
-                    self.save()
+                    self.last_good = self.save() or self.last_good
                 log.warning("SIGUSR1: checkpointed step %d in %s; exiting with status %d for a requeue",
                             step, self.ckpt_dir, preempt.PREEMPT_EXIT)
                 raise preempt.Preempted(step)
         for callback in self.callbacks:
             callback.on_end(self, self.step)
+
+    def _count_bad(self, step: int, applied: bool) -> None:
+        """Track skipped (non-finite) steps; stop when train.max_bad_steps of the last bad_window were."""
+        train = self.cfg.train
+        self.recent_bad.append(not applied)
+        if applied:
+            self.bad_in_row = 0
+            return
+        self.bad_in_row, self.skipped = self.bad_in_row + 1, self.skipped + 1
+        bad = sum(self.recent_bad)
+        log.warning("step %d: non-finite gradients, step skipped (%d in a row, %d of the last %d steps)",
+                    step, self.bad_in_row, bad, len(self.recent_bad))
+        if bad >= train.max_bad_steps:
+            self.tracker.log_metrics({"train/skipped_steps": self.skipped,
+                                      "train/nonfinite_loss_steps": self.nonfinite_losses}, step)
+            raise ShodhError(f"{bad} of the last {len(self.recent_bad)} steps had non-finite gradients "
+                             f"(train.max_bad_steps={train.max_bad_steps} per train.bad_window={train.bad_window}); "
+                             f"stopped at step {step}. {self._last_good_note()}")
+
+    def _last_good_note(self) -> str:
+        """Which checkpoint to resume from, after loading it back and checking it is finite."""
+        if self.last_good is None:
+            return f"No checkpoint was written in {self.ckpt_dir}: lower train.lr or check the data, then restart."
+        if checkpoint.finite_weights(self.cfg.model, self.run_dir, self.channels, self.last_good):
+            return (f"Last good checkpoint (loads, finite weights): {self.last_good} in {self.ckpt_dir}; "
+                    f"the run resumes from it when restarted")
+        return (f"The latest checkpoint {self.last_good} in {self.ckpt_dir} does not load with finite weights: "
+                f"do not resume from it")
 
     def _micro_step(self, batch: dict) -> tuple[float, float]:
         """Forward, backward and (at the accumulation boundary, DeepSpeed decides) the optimizer step."""
@@ -256,12 +277,15 @@ class Trainer:
 
     def _log_train(self, mse: float, aux: float, busy: float, steps: int) -> None:
         mse_avg, aux_avg, busy_avg = _mean_over_world([mse, aux, busy], self.device)
+        if not math.isfinite(mse_avg):
+            self.nonfinite_losses += steps
         tokens_per_s = steps * self.layout.global_batch * self.cfg.model.tokens / busy_avg
         grad_norm = self.engine.get_global_grad_norm()
         self.tracker.log_metrics({
             "train/loss": mse_avg, "train/aux_loss": aux_avg, "train/lr": self.engine.get_lr()[0],
             "train/grad_norm": float(grad_norm) if grad_norm is not None else None,
-            "train/skipped_steps": self.skipped, "perf/tokens_per_s": tokens_per_s,
+            "train/skipped_steps": self.skipped, "train/skipped_samples": self.stream.skipped,
+            "train/nonfinite_loss_steps": self.nonfinite_losses, "perf/tokens_per_s": tokens_per_s,
             "perf/mfu": tokens_per_s * 3 * self.flops_fwd / (self.peak * self.info.world_size),
         }, self.step)
         if self.info.is_main:
@@ -276,7 +300,16 @@ class Trainer:
             callback.on_routes(self, self.telemetry, self.step)
         self.telemetry.reset()
 
-    def save(self) -> str:
+    def save(self) -> str | None:
+        """Checkpoint this step, unless it was skipped or the state is not finite (then None: `latest`
+        keeps naming the last good one)."""
+        if self.bad_in_row:
+            log.warning("step %d: not checkpointed inside a non-finite streak (%d skipped in a row)",
+                        self.step, self.bad_in_row)
+            return None
+        if not checkpoint.state_is_finite(self.engine):
+            log.warning("step %d: not checkpointed, parameters or optimizer moments are not finite", self.step)
+            return None
         return checkpoint.save(self.engine, self.ckpt_dir, self.step, self.info.rank, self.layout_key,
                                self.stream.state_dict(), self.resolved)
 
@@ -310,4 +343,6 @@ def pretrain(cfg: RunConfig, root: Path, run_name: str | None, info: DistInfo,
              callbacks: list[Callback] = ()) -> Path:
     """Train (or resume) one run; returns its run directory."""
     preempt.install()  # SIGUSR1 from slurm/*.sbatch: checkpoint at the next step, exit 75
-    return Trainer(cfg, root, run_name, info, callbacks).fit()
+    folder = run_dir_for(cfg, root, run_name)
+    with RunLock(lock_file(folder, f"rank{info.rank}"), f"run {folder.name} (rank {info.rank})"):
+        return Trainer(cfg, root, run_name, info, callbacks).fit()
