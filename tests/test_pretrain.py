@@ -175,6 +175,18 @@ def test_diverging_run_stops_naming_a_finite_checkpoint_outside_the_streak(root)
     assert [m["train/skipped_steps"] for m in rows if "train/skipped_steps" in m][-1] == 3
 
 
+def test_skipped_samples_reach_the_metrics(tmp_path):
+    """data.on_error=skip: a latent shard that fails its checksum is skipped, and the count is logged."""
+    make_latents(tmp_path, trajectories={"train": 3, "val": 1})
+    shard = next((tmp_path / "latents").glob("*/train/channel-*.tar"))
+    data = bytearray(shard.read_bytes())
+    data[-2048] ^= 1  # inside the last sample's payload or padding: the sha256 changes
+    shard.write_bytes(bytes(data))
+    pretrain(tmp_path, 1, "data.on_error=skip", "tracking.mlflow=false", "train.max_steps=4", "train.log_every=1")
+    rows = metrics(tmp_path / "runs" / "shodh" / "smoke-moe")
+    assert max(m.get("train/skipped_samples", 0) for m in rows) > 0
+
+
 def test_interleaved_bad_steps_trip_the_window():
     """Good and bad steps alternating never make a streak of max_bad_steps; the window catches them."""
     from types import SimpleNamespace
