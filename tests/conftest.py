@@ -24,6 +24,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def skip_unless_ci(reason: str) -> None:
+    """A missing system component: skip with the reason locally, fail under CI=true (.ci/run installs
+    everything, so a skip there would hide a test that checks nothing)."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true but {reason}")
+    pytest.skip(reason)
+
+
 def wait_healthy(url: str, proc: subprocess.Popen, log: Path) -> None:
     """Wait until the MLflow server at `url` (process `proc`, output in `log`) answers /health."""
     deadline = time.monotonic() + SERVER_START_S

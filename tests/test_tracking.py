@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import wait_healthy
+from conftest import skip_unless_ci, wait_healthy
 from latent_fixture import make_latents
 from shodh.cli import main
 from shodh.config import load_config
@@ -372,7 +372,7 @@ def read_only_root(tmp_path):
     ro.mkdir()
     mounted = subprocess.run(["mount", "--bind", "-o", "ro", str(src), str(ro)], capture_output=True, text=True)
     if mounted.returncode != 0:
-        pytest.skip(f"cannot make a read-only bind mount here: {mounted.stderr.strip()}")
+        skip_unless_ci(f"cannot make a read-only bind mount here: {mounted.stderr.strip()}")
     try:
         probe = ro / "probe"
         with pytest.raises(OSError):

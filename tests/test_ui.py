@@ -14,6 +14,8 @@ import tempfile
 
 import pytest
 
+from conftest import skip_unless_ci
+
 CHROMIUM = "/usr/bin/chromium"
 TIMEOUT_MS = 90_000  # a loaded 2-core box renders MLflow's bundle slowly
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-quic",
@@ -28,10 +30,7 @@ def browser_available() -> None:
                                      ("python package playwright", importlib.util.find_spec("playwright")))
                if not ok]
     if missing:
-        reason = f"UI test needs {' and '.join(missing)} (apt-get install chromium; pip install -e '.[test]')"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
+        skip_unless_ci(f"UI test needs {' and '.join(missing)} (apt-get install chromium; pip install -e '.[test]')")
 
 
 def test_runs_table_and_compare_view(browser_available, served_workspace):
