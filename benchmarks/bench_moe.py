@@ -42,8 +42,8 @@ def step_time(model, opt, z: torch.Tensor, device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
     t = time.perf_counter()
-    pred, aux = model(z)
-    (F.mse_loss(pred.float(), z.float()) + 0.01 * aux.float()).backward()
+    pred, router_loss = model(z)
+    (F.mse_loss(pred.float(), z.float()) + router_loss.weighted(model.cfg)).backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
     if device.type == "cuda":

@@ -39,8 +39,8 @@ z_out = 0.9 * z_in + 0.1 * torch.randn(GLOBAL, C, 16, 16, 16, generator=gen)
 
 
 def loss_of(model, first: int) -> torch.Tensor:
-    pred, aux = model(z_in[first:first + MICRO])
-    return F.mse_loss(pred, z_out[first:first + MICRO]) + mcfg.aux_loss_coef * aux
+    pred, router_loss = model(z_in[first:first + MICRO])
+    return F.mse_loss(pred, z_out[first:first + MICRO]) + router_loss.weighted(mcfg)
 
 
 if info.world_size == 1:

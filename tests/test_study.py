@@ -149,9 +149,9 @@ def test_conflict_of_a_real_gradient_with_itself_is_one():
     gen = torch.Generator().manual_seed(0)
     batch = {"z_in": torch.randn(2, 4, 16, 16, 16, generator=gen), "z_out": torch.randn(2, 4, 16, 16, 16, generator=gen),
              "domain": torch.zeros(2, dtype=torch.int64)}
-    grads = shared_gradients(model, batch, cfg.aux_loss_coef)
+    grads = shared_gradients(model, batch)
     assert set(grads) == {"shared", "attention", "embedding", "router", "shared_expert", "other"}  # no routed experts
-    out = conflict_at(model, {"a": [batch, batch], "b": [batch, batch]}, cfg.aux_loss_coef)
+    out = conflict_at(model, {"a": [batch, batch], "b": [batch, batch]})
     assert out["shared"]["normalized"] == pytest.approx(1.0, abs=1e-9) and out["shared"]["conflict_rate"] == 0
 
 
@@ -182,7 +182,7 @@ def test_router_controls_route_as_specified(study):
 
 def test_domain_label_reaches_only_the_oracle_router():
     from shodh.errors import ShodhError
-    from shodh.model.config import ModelConfig
+    from shodh.model.config import ModelConfig, RouterConfig
     from shodh.model.transformer import LatentTransformer
 
     z, domain = torch.randn(2, 4, 16, 16, 16), torch.tensor([0, 1])
@@ -190,7 +190,7 @@ def test_domain_label_reaches_only_the_oracle_router():
     with pytest.raises(ShodhError, match="never a model input"):
         learned(z, domain_B=domain)
     oracle = LatentTransformer(ModelConfig(dim=16, depth=1, heads=2, expert_dim=16, num_experts=2, moe_every=1,
-                                           router="oracle"), 4)
+                                           router=RouterConfig(kind="oracle")), 4)
     with pytest.raises(ShodhError, match="required"):
         oracle(z)
 

@@ -1,8 +1,9 @@
 """Evaluation plugged into pretraining: the callbacks `shodh pretrain` (and each study arm) hands
 the Trainer. Training never imports evaluation; the CLI composes the two.
 
-- `RoutingHeatmap`: at the last step, the domain x expert heatmap of the final routing interval,
-  to RUN_DIR/plots/routing.png and the MLflow run's `plots/` (MoE runs only).
+- `RoutingHeatmap`: at the last step, the domain x expert heatmap of the final routing interval
+  (RUN_DIR/plots/routing.png) and NMI / expert purity per layer against the step
+  (plots/routing_nmi.png), also to the MLflow run's `plots/` (MoE runs only).
 - `DecodedValidation` (`eval.in_training`): at every validation, the val split's decoded one-step
   metrics (`val/<domain>/vrmse`, `decoded_mse`, `nrmse`, `spectrum_err*`, `divergence_*`, the
   autoencoder floor) for the model as it is now. `val/<domain>/latent_mse` stays with the
@@ -25,9 +26,12 @@ from shodh.train.trainer import Callback, Trainer
 class RoutingHeatmap(Callback):
     def on_routes(self, trainer: Trainer, telemetry, step: int) -> None:
         if trainer.info.is_main and step == trainer.cfg.train.max_steps:
-            path = plots.routing_heatmap(telemetry.counts_KLE, telemetry.domains,
-                                         [layer.layer for layer in telemetry.layers],
+            layers = [layer.layer for layer in telemetry.layers]
+            path = plots.routing_heatmap(telemetry.counts_KLE, telemetry.domains, layers,
                                          trainer.run_dir / "plots" / "routing.png")
+            trainer.tracker.log_artifact(path, "plots")
+            # metrics.jsonl is written synchronously: it already holds this flush's route/* values.
+            path = plots.routing_nmi(trainer.run_dir / "metrics.jsonl", layers, trainer.run_dir / "plots" / "routing_nmi.png")
             trainer.tracker.log_artifact(path, "plots")
 
 

@@ -158,7 +158,7 @@ class Evaluator:
         out = []
         for chunk in z_BCXYZ.split(self.batch):
             labels = torch.full((len(chunk),), domain_id, dtype=torch.int64)
-            routed = router_inputs(self.model.cfg.router, labels)  # labels reach only an oracle router
+            routed = router_inputs(self.model.cfg.router.kind, labels)  # labels reach only an oracle router
             if telemetry is not None:
                 with telemetry.labels(labels):
                     pred, _ = self.model(chunk.to(self.device, self.dtype), **routed)

@@ -27,10 +27,10 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def mse_curves(metrics_jsonl: Path, domains: list[str], path: Path) -> Path:
-    """train/loss and val/<domain>/latent_mse against the training step, from metrics.jsonl."""
-    series: dict[str, list[tuple[int, float]]] = {}
-    names = ["train/loss"] + [f"val/{d}/latent_mse" for d in domains]
+def _series(metrics_jsonl: Path, names: list[str]) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) points of the named metrics in metrics.jsonl, the last value per step (evaluate
+    logs the final step again), sorted by step."""
+    series: dict[str, dict[int, float]] = {}
     if metrics_jsonl.is_file():
         for n, line in enumerate(metrics_jsonl.read_text().splitlines(), 1):
             if not line.strip():
@@ -40,19 +40,43 @@ def mse_curves(metrics_jsonl: Path, domains: list[str], path: Path) -> Path:
             except ValueError:
                 raise DataError(f"{metrics_jsonl}: line {n} is not JSON") from None
             for name in names:
-                if name in row:
-                    series.setdefault(name, []).append((int(row["step"]), float(row[name])))
+                if row.get(name) is not None:
+                    series.setdefault(name, {})[int(row["step"])] = float(row[name])
+    return {name: sorted(points.items()) for name, points in series.items()}
+
+
+def mse_curves(metrics_jsonl: Path, domains: list[str], path: Path) -> Path:
+    """train/loss and val/<domain>/latent_mse against the training step, from metrics.jsonl."""
+    names = ["train/loss"] + [f"val/{d}/latent_mse" for d in domains]
+    series = _series(metrics_jsonl, names)
     fig, ax = plt.subplots(figsize=(6, 4))
     for name in names:
         if name in series:
-            # evaluate logs at the final step again: keep the last value per step
-            points = sorted(dict(series[name]).items())
-            ax.plot(*zip(*points), marker="o" if name != "train/loss" else None, ms=3, label=name)
+            ax.plot(*zip(*series[name]), marker="o" if name != "train/loss" else None, ms=3, label=name)
     ax.set_xlabel("training step")
     ax.set_ylabel("latent MSE (normalized)")
     ax.set_yscale("log")
     ax.legend(fontsize=8)
     ax.set_title("one-step latent MSE")
+    return _save(fig, path)
+
+
+def routing_nmi(metrics_jsonl: Path, layers: list[int], path: Path) -> Path:
+    """route/layer<l>/domain_mi (NMI of domain and expert) and route/layer<l>/purity against the step."""
+    names = [f"route/layer{l}/{m}" for l in layers for m in ("domain_mi", "purity")]
+    series = _series(metrics_jsonl, names)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, metric, label in ((axes[0], "domain_mi", "NMI(domain; expert)"), (axes[1], "purity", "expert purity")):
+        for l in layers:
+            name = f"route/layer{l}/{metric}"
+            if name in series:
+                ax.plot(*zip(*series[name]), marker="o", ms=2, label=f"layer {l}")
+        ax.set_xlabel("training step")
+        ax.set_ylabel(label)
+        ax.set_ylim(0, 1.02)
+        ax.legend(fontsize=8)
+    fig.suptitle("does routing separate the domains?")
+    fig.tight_layout()
     return _save(fig, path)
 
 

@@ -2,11 +2,42 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from shodh.errors import check
 from shodh.workspace import LATENT
+
+
+@dataclass
+class RouterConfig:
+    """Section `model.router`: how the MoE layers pick each token's expert (README "The router").
+
+    kind: learned = W_g·x (the model); hash = each token position goes to a fixed, balanced, seeded
+    expert; oracle = the sample's domain label picks a block of num_experts / domains experts, the
+    position hashes within it (study controls; only "oracle" ever sees a label).
+    The rest applies to kind=learned. balance: switch = DeepSpeed's Switch loss on this micro-batch's
+    tokens; global = the same loss with the expert load counted over the global batch (all ranks);
+    bias = loss-free balancing (a per-expert bias on the selection logits, nudged by bias_rate toward
+    uniform load after every optimizer step); none. z_loss: ST-MoE router z-loss coefficient.
+    scope: token = one decision per token; sample = one decision per sample from its mean-pooled
+    tokens, all of its tokens go to that expert and a sample over capacity is dropped whole.
+    """
+
+    kind: Literal["learned", "hash", "oracle"] = "learned"
+    domains: int = 2  # oracle only: number of domain labels (the manifest's domains)
+    balance: Literal["switch", "global", "bias", "none"] = "switch"
+    bias_rate: float = 1e-3  # γ of bias balancing: b_e += γ·sign(mean load - load_e) per optimizer step
+    z_loss: float = 0.0  # loss += z_loss · Σ_layers mean(logsumexp(router logits)^2)
+    scope: Literal["token", "sample"] = "token"
+
+    def validate(self) -> None:
+        check(self.domains >= 1, "domains", f"must be >= 1, got {self.domains}")
+        check(self.bias_rate > 0, "bias_rate", f"must be > 0, got {self.bias_rate}")
+        check(self.z_loss >= 0, "z_loss", f"must be >= 0, got {self.z_loss}")
+        fixed = self.kind != "learned"
+        check(not fixed or (self.balance == "switch" and self.z_loss == 0 and self.scope == "token"), "kind",
+              f"a {self.kind} router is fixed: balance, z_loss and scope apply to kind=learned only")
 
 
 @dataclass
@@ -25,12 +56,8 @@ class ModelConfig:
     min_capacity: int = 4
     noisy_gate_policy: Literal["none", "Jitter", "RSample"] = "none"
     shared_expert: bool = True  # DeepSpeed residual MoE: a dense expert every token also passes
-    aux_loss_coef: float = 0.01  # loss = mse + coef * Σ_layers Switch aux loss
-    # Router control for `shodh study` (moe.FixedGate): learned = W_g·x (the model); hash = each token
-    # position goes to a fixed, balanced, seeded expert; oracle = the sample's domain label picks a block
-    # of num_experts / router_domains experts, position hashes within it. Only "oracle" sees labels.
-    router: Literal["learned", "hash", "oracle"] = "learned"
-    router_domains: int = 2  # oracle only: number of domain labels (the manifest's domains)
+    aux_loss_coef: float = 0.01  # loss = mse + coef * Σ_layers balance loss (+ router.z_loss * Σ z-loss)
+    router: RouterConfig = field(default_factory=RouterConfig)
 
     def validate(self) -> None:
         check(self.patch > 0 and LATENT % self.patch == 0, "patch", f"must divide {LATENT}, got {self.patch}")
@@ -45,11 +72,11 @@ class ModelConfig:
         check(self.capacity_factor > 0 and self.eval_capacity_factor > 0, "capacity_factor", "must be > 0")
         check(self.min_capacity >= 0, "min_capacity", f"must be >= 0, got {self.min_capacity}")
         check(self.aux_loss_coef >= 0, "aux_loss_coef", f"must be >= 0, got {self.aux_loss_coef}")
-        check(self.router == "learned" or self.kind == "moe", "router",
-              f"{self.router} routing needs kind=moe, got kind={self.kind}")
-        check(self.router != "oracle" or (self.router_domains >= 1 and self.num_experts % self.router_domains == 0),
-              "router_domains", f"must divide num_experts={self.num_experts} (one expert block per domain), "
-              f"got {self.router_domains}")
+        check(self.router.kind == "learned" or self.kind == "moe", "router.kind",
+              f"{self.router.kind} routing needs kind=moe, got kind={self.kind}")
+        check(self.router.kind != "oracle" or self.num_experts % self.router.domains == 0,
+              "router.domains", f"must divide num_experts={self.num_experts} (one expert block per domain), "
+              f"got {self.router.domains}")
 
     @property
     def tokens(self) -> int:

@@ -6,7 +6,7 @@ and FFN) and projected back to patches. The FFN of block i is a DeepSpeed Top-1 
 `kind == "moe"` and (i + 1) % moe_every == 0, else a dense MLP. The dense baselines put dense
 MLPs everywhere: `dense_active` at the MoE's active width, `dense_total` at its total width.
 The domain label is never an input: whatever specialization the router finds, it finds from z.
-(Sole exception, a study control: model.router=oracle hands it to the router, nothing else.)
+(Sole exception, a study control: model.router.kind=oracle hands it to the router, nothing else.)
 
 Shape legend (the project's, shodh/__init__.py): B batch, C latent channels, X/Y/Z latent grid (16 each),
 N tokens per sample, P = C*p^3 values per patch, D model width, M heads, A head width, F FFN width.
@@ -24,7 +24,7 @@ from torch import nn
 from shodh.errors import ShodhError
 from shodh.model import params
 from shodh.model.config import ModelConfig
-from shodh.model.moe import MLP, MoEFFN, init_mlp
+from shodh.model.moe import MLP, MoEFFN, RouterLoss, init_mlp, no_router_loss
 from shodh.workspace import LATENT
 
 
@@ -59,18 +59,17 @@ class Block(nn.Module):
                 cfg.dim, cfg.expert_dim, cfg.num_experts, cfg.ep_size, cfg.capacity_factor,
                 cfg.eval_capacity_factor, cfg.min_capacity,
                 None if cfg.noisy_gate_policy == "none" else cfg.noisy_gate_policy,
-                cfg.shared_expert, index, expert_offset, seed, std, out_std,
-                router=cfg.router, tokens=cfg.tokens, router_domains=cfg.router_domains)
+                cfg.shared_expert, index, expert_offset, seed, std, out_std, router=cfg.router, tokens=cfg.tokens)
         else:
             self.ffn = MLP(cfg.dim, cfg.dense_ffn_dim())
             init_mlp(self.ffn, std, out_std)
             params.tag(self.ffn, "dense_ffn")
 
-    def forward(self, x_BND: torch.Tensor, domain_B: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x_BND: torch.Tensor, domain_B: torch.Tensor | None = None) -> tuple[torch.Tensor, RouterLoss | None]:
         x_BND = x_BND + self.attn(self.norm1(x_BND))
         if isinstance(self.ffn, MoEFFN):
-            y_BND, aux = self.ffn(self.norm2(x_BND), domain_B)
-            return x_BND + y_BND, aux
+            y_BND, router_loss = self.ffn(self.norm2(x_BND), domain_B)
+            return x_BND + y_BND, router_loss
         return x_BND + self.ffn(self.norm2(x_BND)), None
 
 
@@ -103,25 +102,27 @@ class LatentTransformer(nn.Module):
         return einops.rearrange(self.pos_x[:, None, None] + self.pos_y[None, :, None] + self.pos_z[None, None, :],
                                 "x y z d -> (x y z) d")
 
-    def forward(self, z_BCXYZ: torch.Tensor, domain_B: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (z_next [B, C, 16, 16, 16], summed MoE aux loss (0 for dense models)).
-        domain_B [B]: domain labels, accepted only by model.router=oracle (its router alone reads them)."""
-        if (domain_B is not None) != (self.cfg.router == "oracle"):
-            raise ShodhError(f"model.router={self.cfg.router}: domain labels are "
-                             f"{'required' if self.cfg.router == 'oracle' else 'never a model input'}")
+    def forward(self, z_BCXYZ: torch.Tensor, domain_B: torch.Tensor | None = None) -> tuple[torch.Tensor, RouterLoss]:
+        """Returns (z_next [B, C, 16, 16, 16], the router's losses summed over MoE layers (0 for dense
+        models); train on mse + router_loss.weighted(cfg)).
+        domain_B [B]: domain labels, accepted only by model.router.kind=oracle (its router alone reads them)."""
+        oracle = self.cfg.router.kind == "oracle"
+        if (domain_B is not None) != oracle:
+            raise ShodhError(f"model.router.kind={self.cfg.router.kind}: domain labels are "
+                             f"{'required' if oracle else 'never a model input'}")
         p = self.cfg.patch
         patches_BNP = einops.rearrange(z_BCXYZ, "b c (x p) (y q) (z r) -> b (x y z) (p q r c)", p=p, q=p, r=p)
         x_BND = self.embed(patches_BNP) + self.position_ND()
-        aux = z_BCXYZ.new_zeros(())
+        router_loss = no_router_loss(z_BCXYZ)
         for block in self.blocks:
-            x_BND, block_aux = block(x_BND, domain_B)
-            if block_aux is not None:
-                aux = aux + block_aux
+            x_BND, block_loss = block(x_BND, domain_B)
+            if block_loss is not None:
+                router_loss = router_loss + block_loss
         delta_BNP = self.head(self.norm(x_BND))
         n = self.n_axis
         delta_BCXYZ = einops.rearrange(delta_BNP, "b (x y z) (p q r c) -> b c (x p) (y q) (z r)",
                                        x=n, y=n, z=n, p=p, q=p, r=p)
-        return z_BCXYZ + delta_BCXYZ.to(z_BCXYZ.dtype), aux
+        return z_BCXYZ + delta_BCXYZ.to(z_BCXYZ.dtype), router_loss
 
 
 def forward_flops_per_token(cfg: ModelConfig, channels: int) -> int:

@@ -38,12 +38,25 @@ def child_dir(cfg: RunConfig, root: Path, arm: str, seed_index: int) -> Path:
     return run_dir(root, cfg.tracking.experiment, child_name(cfg, arm, seed_index))
 
 
+# Router variants (opt-in: `shodh study --arms moe_mixed,moe_bias,...`), model.router fields each sets.
+ROUTER_VARIANTS = {
+    "moe_global": (("balance", "global"),),
+    "moe_bias": (("balance", "bias"),),
+    "moe_nobalance": (("balance", "none"),),
+    "moe_zloss": (("z_loss", 1e-3),),  # ST-MoE's coefficient
+    "moe_sample": (("scope", "sample"),),
+    "moe_bias_sample": (("balance", "bias"), ("scope", "sample")),
+}
+FIXED = (("balance", "switch"), ("z_loss", 0.0), ("scope", "token"))  # what a fixed (hash/oracle) router allows
+
+
 @dataclass(frozen=True)
 class Arm:
     name: str
     kind: str  # model.kind
-    router: str  # model.router
-    domain: str | None  # the only domain it trains on; None = the configured mix
+    router: tuple = ()  # (field, value) pairs set on model.router; the rest is the base config's
+    domain: str | None = None  # the only domain it trains on; None = the configured mix
+    optional: bool = False  # run only when named in study.arms
 
     @property
     def family(self) -> str:
@@ -56,29 +69,32 @@ class Arm:
 
 def all_arms(domains: list[str]) -> list[Arm]:
     """Mixed arms, then the controls, then the single-domain references, in report order."""
-    arms = [Arm("moe_mixed", "moe", "learned", None),
-            Arm("dense_active_mixed", "dense_active", "learned", None),
-            Arm("dense_total_mixed", "dense_total", "learned", None),
-            Arm("moe_random", "moe", "hash", None),
-            Arm("moe_oracle", "moe", "oracle", None)]
+    arms = [Arm("moe_mixed", "moe"),
+            Arm("dense_active_mixed", "dense_active"),
+            Arm("dense_total_mixed", "dense_total"),
+            Arm("moe_random", "moe", (("kind", "hash"), *FIXED)),
+            Arm("moe_oracle", "moe", (("kind", "oracle"), ("domains", len(domains)), *FIXED))]
+    arms += [Arm(name, "moe", fields, optional=True) for name, fields in ROUTER_VARIANTS.items()]
     for d in domains:
-        arms += [Arm(f"moe_single_{d}", "moe", "learned", d), Arm(f"dense_single_{d}", "dense_active", "learned", d)]
+        arms += [Arm(f"moe_single_{d}", "moe", domain=d), Arm(f"dense_single_{d}", "dense_active", domain=d)]
     return arms
 
 
 def select(names: list[str], domains: list[str]) -> list[Arm]:
-    """The named arms (all when empty), in report order; unknown names are a ConfigError."""
+    """The named arms (when empty: every arm but the optional router variants), in report order;
+    unknown names are a ConfigError."""
     known = {a.name: a for a in all_arms(domains)}
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ConfigError(f"study.arms: unknown arm(s) {unknown} (known: {', '.join(known)})")
-    return [a for a in known.values() if not names or a.name in names]
+    return [a for a in known.values() if (a.name in names if names else not a.optional)]
 
 
 def arm_config(base: RunConfig, arm: Arm, domains: list[str], seed_index: int) -> RunConfig:
     """The resolved config one arm x seed trains with."""
     weights = {d: w for d, w in base.data.weights.items() if w > 0}
-    model = dataclasses.replace(base.model, kind=arm.kind, router=arm.router, router_domains=len(domains))
+    router = dataclasses.replace(base.model.router, **dict(arm.router)) if arm.router else base.model.router
+    model = dataclasses.replace(base.model, kind=arm.kind, router=router)
     data, train = base.data, base.train
     if arm.domain is not None:
         share = weights.get(arm.domain, 0.0) / sum(weights.values())

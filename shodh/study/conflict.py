@@ -58,7 +58,7 @@ def held_out_batches(cfg: RunConfig, root: Path, tokenizer_id: str, domains: lis
     return out
 
 
-def shared_gradients(model: torch.nn.Module, batch: dict, aux_coef: float) -> dict[str, np.ndarray]:
+def shared_gradients(model: torch.nn.Module, batch: dict) -> dict[str, np.ndarray]:
     """Flat float64 gradient [V] of the training objective on one batch, per shared group and "shared"
     (all groups together). A group the loss does not reach (a fixed router's gate) is all zeros."""
     from shodh.model.moe import no_token_dropping, router_inputs
@@ -66,8 +66,8 @@ def shared_gradients(model: torch.nn.Module, batch: dict, aux_coef: float) -> di
     named = [(n, p, group_of(p, n)) for n, p in model.named_parameters() if group_of(p, n) is not None]
     model.eval()
     with no_token_dropping(model):
-        pred, aux = model(batch["z_in"], **router_inputs(model.cfg.router, batch["domain"]))
-        loss = F.mse_loss(pred.float(), batch["z_out"]) + aux_coef * aux.float()
+        pred, router_loss = model(batch["z_in"], **router_inputs(model.cfg.router.kind, batch["domain"]))
+        loss = F.mse_loss(pred.float(), batch["z_out"]) + router_loss.weighted(model.cfg)
     grads = torch.autograd.grad(loss, [p for _, p, _ in named], allow_unused=True)
     by_group: dict[str, list[torch.Tensor]] = {}
     for (_, p, group), g in zip(named, grads):
@@ -77,9 +77,9 @@ def shared_gradients(model: torch.nn.Module, batch: dict, aux_coef: float) -> di
     return out
 
 
-def conflict_at(model: torch.nn.Module, batches: dict[str, list[dict]], aux_coef: float) -> dict[str, dict[str, float]]:
+def conflict_at(model: torch.nn.Module, batches: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
     """conflict_stats per shared group (and "shared") for one model: {group: {cross, normalized, ...}}."""
-    per_domain = {d: [shared_gradients(model, b, aux_coef) for b in bs] for d, bs in batches.items()}
+    per_domain = {d: [shared_gradients(model, b) for b in bs] for d, bs in batches.items()}
     groups = next(iter(per_domain.values()))[0].keys()
     return {g: conflict_stats({d: [grads[g] for grads in per_domain[d]] for d in per_domain}) for g in groups}
 
@@ -91,5 +91,5 @@ def run_conflict(cfg: RunConfig, root: Path, run_dir: Path, channels: int, batch
         model, step, _, _ = load_for_inference(cfg, run_dir, channels, tag)
         # Gradients in float32 on the CPU, whatever precision and device the run trained in.
         model = model.float().cpu()
-        out.append({"step": step, "groups": conflict_at(model, batches, cfg.model.aux_loss_coef)})
+        out.append({"step": step, "groups": conflict_at(model, batches)})
     return out

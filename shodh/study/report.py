@@ -120,7 +120,7 @@ def assemble(cfg: RunConfig, root: Path, arms: list[Arm], domains: list[str], to
     budget = {"steps": base.train.max_steps, "mixed_micro_batch": cfg.train.micro_batch,
               "grad_accum": cfg.train.grad_accum, "tokens_per_sample": cfg.model.tokens,
               "samples_per_domain": {d: cfg.train.max_steps * cfg.train.grad_accum * arm_config(
-                  cfg, Arm("single", "moe", "learned", d), domains, 0).train.micro_batch for d in domains}}
+                  cfg, Arm("single", "moe", domain=d), domains, 0).train.micro_batch for d in domains}}
     return {
         "study": study_name(cfg), "profile": cfg.profile, "tokenizer_id": tokenizer_id, "split": split,
         "seeds": cfg.study.seeds, "base_seed": cfg.seed, "domains": domains, "arms": [a.name for a in arms],

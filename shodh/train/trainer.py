@@ -3,7 +3,8 @@
 `pretrain()` is what `shodh pretrain`, `python -m shodh.pretrain`, `deepspeed --module
 shodh.pretrain` and `srun python -m shodh.pretrain` all run. It builds a `Trainer` (the run's
 state: engine, stream, telemetry, tracker, counters) and calls `fit()`. Per optimizer step and
-rank: grad_accum micro batches of z_t -> z_{t+1}; loss = MSE + model.aux_loss_coef * Σ aux.
+rank: grad_accum micro batches of z_t -> z_{t+1}; loss = MSE + model.aux_loss_coef * Σ balance loss
++ model.router.z_loss * Σ z-loss (moe.RouterLoss); balance=bias routers update their bias after each step.
 A step whose gradients are not finite is skipped by DeepSpeed's ZeRO optimizer (fp32 always;
 bf16 with `check_grad_overflow`, set in ds_configs/): we count it, and stop once
 train.max_bad_steps of the last train.bad_window steps were skipped (a streak, or bad steps
@@ -17,7 +18,8 @@ gives the decoded validation and the routing heatmap), called at validations, at
 and at the end, on every rank in lockstep.
 
 Metrics (rank 0, all-reduced over ranks): train/loss (the latent MSE, comparable across MoE and
-dense), train/aux_loss (Σ over MoE layers of DeepSpeed's Switch loss, unweighted), train/lr,
+dense), train/aux_loss (Σ over MoE layers of the model.router.balance loss, unweighted), train/z_loss
+(Σ over MoE layers of the router z-loss, unweighted), train/lr,
 train/grad_norm, train/skipped_steps, perf/tokens_per_s (latent tokens = patches, whole world),
 perf/mfu (model FLOPs/s over world x per-device peak; the peak is train.peak_flops or a dense
 matmul measured at startup, named in the `mfu_peak` tag), route/* (moe.RoutingTelemetry),
@@ -45,7 +47,7 @@ from shodh.data.loader import LatentStream, eval_batches, read_manifest
 from shodh.distributed import DistInfo, choose_device, init_process_group
 from shodh.errors import ShodhError
 from shodh.io import RunLock, write_json_atomic, write_text_atomic
-from shodh.model.moe import RoutingTelemetry, no_token_dropping, router_inputs
+from shodh.model.moe import RoutingTelemetry, no_token_dropping, router_inputs, update_router_biases
 from shodh.model.params import count_params
 from shodh.model.transformer import forward_flops_per_token
 from shodh.tracking import Tracker
@@ -199,15 +201,17 @@ class Trainer:
         for callback in self.callbacks:
             callback.on_start(self)
         batches = iter(self.stream)
-        mse_sum = aux_sum = 0.0
+        mse_sum = aux_sum = z_sum = 0.0
         n_logged = 0
         busy = 0.0  # seconds spent in training steps since the last log (no validation, no checkpoints)
         while self.step < train.max_steps:
             t0 = time.perf_counter()
             for _ in range(train.grad_accum):
-                mse, aux = self._micro_step(next(batches))
+                mse, aux, z = self._micro_step(next(batches))
                 mse_sum += mse / train.grad_accum
                 aux_sum += aux / train.grad_accum
+                z_sum += z / train.grad_accum
+            update_router_biases(self.model)
             busy += time.perf_counter() - t0
             self.step += 1
             n_logged += 1
@@ -215,8 +219,8 @@ class Trainer:
             self._count_bad(step, applied=self.engine.was_step_applied())
             last = step == train.max_steps
             if step % train.log_every == 0 or last:
-                self._log_train(mse_sum / n_logged, aux_sum / n_logged, busy, n_logged)
-                mse_sum = aux_sum = busy = 0.0
+                self._log_train(mse_sum / n_logged, aux_sum / n_logged, z_sum / n_logged, busy, n_logged)
+                mse_sum = aux_sum = z_sum = busy = 0.0
                 n_logged = 0
             is_val = step % train.val_every == 0 or last
             if step % train.route_every == 0 or is_val:
@@ -264,25 +268,25 @@ class Trainer:
         return (f"The latest checkpoint {self.last_good} in {self.ckpt_dir} does not load with finite weights: "
                 f"do not resume from it")
 
-    def _micro_step(self, batch: dict) -> tuple[float, float]:
+    def _micro_step(self, batch: dict) -> tuple[float, float, float]:
         """Forward, backward and (at the accumulation boundary, DeepSpeed decides) the optimizer step."""
         z_in = batch["z_in"].to(self.device, self.dtype)
         context = self.telemetry.labels(batch["domain"]) if self.telemetry is not None else contextlib.nullcontext()
         with context:
-            pred, aux = self.engine(z_in, **router_inputs(self.cfg.model.router, batch["domain"]))
+            pred, router_loss = self.engine(z_in, **router_inputs(self.cfg.model.router.kind, batch["domain"]))
         mse = F.mse_loss(pred.float(), batch["z_out"].to(self.device))
-        self.engine.backward(mse + self.cfg.model.aux_loss_coef * aux.float())
+        self.engine.backward(mse + router_loss.weighted(self.cfg.model))
         self.engine.step()
-        return mse.item(), aux.item()
+        return mse.item(), router_loss.balance.item(), router_loss.z.item()
 
-    def _log_train(self, mse: float, aux: float, busy: float, steps: int) -> None:
-        mse_avg, aux_avg, busy_avg = _mean_over_world([mse, aux, busy], self.device)
+    def _log_train(self, mse: float, aux: float, z: float, busy: float, steps: int) -> None:
+        mse_avg, aux_avg, z_avg, busy_avg = _mean_over_world([mse, aux, z, busy], self.device)
         if not math.isfinite(mse_avg):
             self.nonfinite_losses += steps
         tokens_per_s = steps * self.layout.global_batch * self.cfg.model.tokens / busy_avg
         grad_norm = self.engine.get_global_grad_norm()
         self.tracker.log_metrics({
-            "train/loss": mse_avg, "train/aux_loss": aux_avg, "train/lr": self.engine.get_lr()[0],
+            "train/loss": mse_avg, "train/aux_loss": aux_avg, "train/z_loss": z_avg, "train/lr": self.engine.get_lr()[0],
             "train/grad_norm": float(grad_norm) if grad_norm is not None else None,
             "train/skipped_steps": self.skipped, "train/skipped_samples": self.stream.skipped,
             "train/nonfinite_loss_steps": self.nonfinite_losses, "perf/tokens_per_s": tokens_per_s,
@@ -326,7 +330,7 @@ class Trainer:
             for i, batch in enumerate(batches):
                 if cfg.train.val_batches and i >= cfg.train.val_batches:
                     break  # every rank yields the same number of batches, so all stop together
-                pred, _ = engine(batch["z_in"].to(device, self.dtype), **router_inputs(cfg.model.router, batch["domain"]))
+                pred, _ = engine(batch["z_in"].to(device, self.dtype), **router_inputs(cfg.model.router.kind, batch["domain"]))
                 mse_B = (pred.float() - batch["z_out"].to(device)).pow(2).mean(dim=(1, 2, 3, 4)).double()
                 valid_B = batch["valid"].to(device)
                 domain_B = batch["domain"].to(device)
