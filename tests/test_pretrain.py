@@ -136,6 +136,66 @@ def test_gradients_equal_across_layouts(tmp_path):
     assert "blocks.0.ffn.moe.deepspeed_moe.experts.deepspeed_experts.0.fc1.weight" not in results["dp2_ep2"][1]["grads"]
 
 
+def test_router_variants_equal_across_expert_layouts(tmp_path):
+    """Every model.router variant: 2 ranks with ep_size 1 and 2 give the same loss, the same full
+    gradients (global expert names) and, for balance=bias, the same biases after an update."""
+    variants = "global,bias,none,zloss,sample"
+    results = {}
+    for ep in (1, 2):
+        out = tmp_path / f"ep{ep}"
+        cmd = command(2, [str(REPO / "tests" / "grad_probe.py"), str(ep), str(out), variants])
+        proc = subprocess.run(cmd, env=env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        results[ep] = out
+    for variant in variants.split(","):
+        one = [torch.load(results[1] / f"rank-{r}-{variant}.pt", weights_only=True) for r in range(2)]
+        two = [torch.load(results[2] / f"rank-{r}-{variant}.pt", weights_only=True) for r in range(2)]
+        assert one[0]["loss"] == pytest.approx(two[0]["loss"], rel=1e-6, abs=0), variant
+        for name, g in one[0]["grads"].items():
+            held = [r["grads"][name] for r in two if name in r["grads"]]
+            assert held, f"{variant}: no ep=2 rank holds {name}"
+            for h in held:
+                torch.testing.assert_close(h, g, rtol=1e-5, atol=1e-7, msg=f"{variant}: {name}")
+        for a, b in zip(one[0]["biases"] + one[1]["biases"], two[0]["biases"] + two[1]["biases"], strict=True):
+            torch.testing.assert_close(a, b)
+    bias = torch.load(results[2] / "rank-0-bias.pt", weights_only=True)
+    assert bias["biases"] and all(b.abs().sum() > 0 for b in bias["biases"])
+    zloss = torch.load(results[1] / "rank-0-zloss.pt", weights_only=True)
+    none = torch.load(results[1] / "rank-0-none.pt", weights_only=True)
+    assert zloss["loss"] != pytest.approx(none["loss"], rel=1e-9)  # the z-loss term is in the objective
+
+
+def test_bias_router_resumes_exactly(root):
+    """balance=bias: the biases live in the checkpoint; a run killed after its step-3 checkpoint and
+    resumed logs the same losses and biases as an uninterrupted run."""
+    args = ["model.router.balance=bias", "model.router.bias_rate=0.01", "train.max_steps=6", "train.ckpt_every=3",
+            "train.route_every=3", "train.val_every=100"]
+    pretrain(root, 1, "--run-name", "bias-ref", *args)
+    run = root / "runs" / "shodh" / "bias-cut"
+    target = ["-m", "shodh.pretrain", *SMOKE, "--root", str(root), "--run-name", "bias-cut", *args]
+    proc = subprocess.Popen(command(1, target), env=env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not (run / "checkpoints" / "latest").exists() and proc.poll() is None:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    resumed = pretrain(root, 1, "--run-name", "bias-cut", *args)
+    assert "resumed fully at step 3" in resumed.stderr
+    ref, got = losses(root / "runs" / "shodh" / "bias-ref"), losses(run)
+    assert sorted(got) == list(range(1, 7))
+    for step in range(1, 7):
+        assert got[step] == pytest.approx(ref[step], abs=1e-6), step
+
+    def biases(run_dir: Path) -> dict:
+        rows = [r for r in metrics(run_dir) if r["step"] == 6 and any(k.startswith("route/layer0/bias") for k in r)]
+        return {k: v for k, v in rows[-1].items() if "/bias" in k}
+
+    assert biases(run) and biases(run) == pytest.approx(biases(root / "runs" / "shodh" / "bias-ref"), abs=1e-7)
+    assert any(v != 0 for v in biases(run).values())
+
+
 def test_kill_9_then_resume_matches_uninterrupted(root):
     args = ["train.max_steps=10", "train.ckpt_every=2", "train.val_every=100", "train.route_every=100"]
     pretrain(root, 1, "--run-name", "reference", *args)

@@ -177,3 +177,19 @@ def test_bias_state_is_module_state():
     fresh = LatentTransformer(dataclasses.replace(cfg), 4)
     fresh.load_state_dict(state)
     assert all(torch.equal(fresh.state_dict()[k], state[k]) for k in biases)
+
+
+def test_study_router_arms_set_their_router_fields_and_are_opt_in():
+    from shodh.config import load_config
+    from shodh.study.arms import arm_config, select
+
+    domains = ["channel", "porous"]
+    base = load_config("smoke", ["model.router.z_loss=0.002"])
+    assert not any(a.optional for a in select([], domains))  # the default study runs no variant
+    arms = {a.name: a for a in select(["moe_mixed", "moe_bias", "moe_sample", "moe_random", "moe_oracle"], domains)}
+    routed = {name: arm_config(base, arm, domains, 0).model.router for name, arm in arms.items()}
+    assert routed["moe_mixed"] == RouterConfig(z_loss=0.002)
+    assert routed["moe_bias"] == RouterConfig(balance="bias", z_loss=0.002)
+    assert routed["moe_sample"] == RouterConfig(scope="sample", z_loss=0.002)
+    assert routed["moe_random"] == RouterConfig(kind="hash")  # a fixed router drops the learned-router options
+    assert routed["moe_oracle"] == RouterConfig(kind="oracle", domains=2)

@@ -16,7 +16,7 @@ import torch
 
 import eval_workspace
 from shodh.cli import main
-from shodh.study.stats import conflict_stats, negative_transfer, paired_bootstrap_ci
+from shodh.study.stats import conflict_stats, negative_transfer, paired_bootstrap_ci, trajectory_of
 
 # The whole smoke study, all arms, within 150 s on a 2-core CI box. Checked as CPU seconds of this
 # process (all its threads): load-independent, and on 2 idle cores the wall time is at most that.
@@ -122,6 +122,24 @@ def test_worse_arm_gives_positive_nt():
     assert 0.2 < lo < negative_transfer(noisy, e_ref) < hi < 0.4
     lo, hi = paired_bootstrap_ci(e_ref / 1.3, e_ref, 1000, 0.95)  # a better arm: negative NT
     assert hi < 0
+
+
+def test_clustered_bootstrap_resamples_trajectories_not_frames():
+    """Four test trajectories of ten correlated frames: the arm is 40 % worse on two trajectories and
+    equal on the others. Frames resampled as if independent give a narrow interval around NT = 0.2;
+    resampling trajectories shows that the data cannot tell 0.0 from 0.4."""
+    rng = np.random.default_rng(0)
+    cluster_I = np.repeat(np.arange(4), 10)
+    e_ref = np.ones((2, 40))
+    e_arm = np.repeat([1.0, 1.4, 1.0, 1.4], 10)[None, :] * (1 + 0.01 * rng.standard_normal((2, 40)))
+    nt = negative_transfer(e_arm, e_ref)
+    f_lo, f_hi = paired_bootstrap_ci(e_arm, e_ref, 2000, 0.95)
+    c_lo, c_hi = paired_bootstrap_ci(e_arm, e_ref, 2000, 0.95, cluster_I=cluster_I)
+    assert c_lo <= nt <= c_hi and f_lo <= nt <= f_hi
+    assert (c_hi - c_lo) > 2.5 * (f_hi - f_lo)
+    assert c_lo < 0.05 and c_hi > 0.35
+    assert paired_bootstrap_ci(e_ref, e_ref, 200, 0.95, cluster_I=cluster_I) == (0.0, 0.0)
+    assert trajectory_of("porous_00012_00003") == "porous_00012"
 
 
 def test_conflict_cosine_normalization():

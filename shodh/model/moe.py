@@ -83,8 +83,9 @@ class Router(TopKGate):
     It returns DeepSpeed 0.19's sparse-route 7-tuple, so dispatch, the expert-parallel all-to-all,
     the experts and the combine stay DeepSpeed's; what it owns is the decision and its losses.
     - Gate probabilities softmax(W_g·x) weight the chosen expert's output ("soft" Top-1), as in
-      DeepSpeed's top1gating; the *selection* is argmax(W_g·x + b), b = bias_E (zero unless
-      balance=bias: DeepSeek-V3's loss-free balancing, b shifts who is chosen, never a gradient).
+      DeepSpeed's top1gating; the *selection* is argmax(W_g·x + b), b = bias_E (balance=bias only:
+      DeepSeek-V3's loss-free balancing, b shifts who is chosen, never a gradient; other variants
+      have no bias, and their checkpoints the layout of DeepSpeed's own gate).
     - balance: switch = E·Σ_e f_e·p_e over this call's tokens (DeepSpeed's); global = the same with
       the load f_e counted over every rank's tokens (all-reduced, no gradient) and p_e local, whose
       data-parallel gradient average is exactly the gradient of the global-batch loss; bias/none = 0.
@@ -105,10 +106,12 @@ class Router(TopKGate):
                          use_rts=learned.use_rts)
         self.balance, self.bias_rate, self.scope, self.tokens = balance, bias_rate, scope, tokens
         num_experts = learned.wg.out_features
+        bias = balance == "bias"
         # Persistent: part of the module state, so checkpoints carry it and a resume continues exactly.
-        self.register_buffer("bias_E", torch.zeros(num_experts))
+        # A None buffer is not in the state dict.
+        self.register_buffer("bias_E", torch.zeros(num_experts) if bias else None)
         # Selections since the last bias update (this rank's tokens); summed over ranks at the update.
-        self.register_buffer("load_E", torch.zeros(num_experts, dtype=torch.float64), persistent=False)
+        self.register_buffer("load_E", torch.zeros(num_experts, dtype=torch.float64) if bias else None, persistent=False)
         self.z: torch.Tensor | None = None
 
     def logits_GE(self, x_GD: torch.Tensor) -> torch.Tensor:
@@ -121,7 +124,7 @@ class Router(TopKGate):
         return logits_GE
 
     def selection_GE(self, logits_GE: torch.Tensor) -> torch.Tensor:
-        return logits_GE + self.bias_E.float()
+        return logits_GE if self.bias_E is None else logits_GE + self.bias_E.float()
 
     def _rows(self, t_GE: torch.Tensor) -> torch.Tensor:
         """One row per routing unit: tokens, or the first token of every sample."""

@@ -88,7 +88,7 @@ def assemble(cfg: RunConfig, root: Path, arms: list[Arm], domains: list[str], to
     """study.json's content from the finished child runs of `arms` x every seed."""
     split, seeds = cfg.study.split, range(cfg.study.seeds)
     loaded = {a.name: [_load(cfg, root, a, i) for i in seeds] for a in arms}
-    errors, per_sample, n_samples = {}, {}, {}
+    errors, per_sample, n_samples, trajectories = {}, {}, {}, {}
     for a in arms:
         summaries = [s for s, _ in loaded[a.name]]
         errors[a.name], per_sample[a.name] = {}, {}
@@ -113,9 +113,12 @@ def assemble(cfg: RunConfig, root: Path, arms: list[Arm], domains: list[str], to
                 (e_arm, ids_arm), (e_ref, ids_ref) = per_sample[a.name][d][metric], per_sample[ref][d][metric]
                 if ids_arm != ids_ref:
                     raise ShodhError(f"{a.name} vs {ref}: evaluated on different {split} samples of '{d}'")
-                lo, hi = stats.paired_bootstrap_ci(e_arm, e_ref, cfg.study.bootstrap, cfg.study.level)
+                clusters = np.asarray([stats.trajectory_of(i) for i in ids_arm])
+                lo, hi = stats.paired_bootstrap_ci(e_arm, e_ref, cfg.study.bootstrap, cfg.study.level, cluster_I=clusters)
+                frame_lo, frame_hi = stats.paired_bootstrap_ci(e_arm, e_ref, cfg.study.bootstrap, cfg.study.level)
                 nt[metric].setdefault(a.name, {})[d] = {"reference": ref, "nt": stats.negative_transfer(e_arm, e_ref),
-                                                        "lo": lo, "hi": hi}
+                                                        "lo": lo, "hi": hi, "frame_lo": frame_lo, "frame_hi": frame_hi}
+                trajectories[d] = len(set(clusters.tolist()))
     base = arm_config(cfg, arms[0], domains, 0)
     budget = {"steps": base.train.max_steps, "mixed_micro_batch": cfg.train.micro_batch,
               "grad_accum": cfg.train.grad_accum, "tokens_per_sample": cfg.model.tokens,
@@ -125,7 +128,7 @@ def assemble(cfg: RunConfig, root: Path, arms: list[Arm], domains: list[str], to
         "study": study_name(cfg), "profile": cfg.profile, "tokenizer_id": tokenizer_id, "split": split,
         "seeds": cfg.study.seeds, "base_seed": cfg.seed, "domains": domains, "arms": [a.name for a in arms],
         "references": {a.name: {d: a.reference(d) for d in domains} for a in arms if a.domain is None},
-        "test_samples": n_samples, "bootstrap": cfg.study.bootstrap, "level": cfg.study.level,
+        "test_samples": n_samples, "test_trajectories": trajectories, "bootstrap": cfg.study.bootstrap, "level": cfg.study.level,
         "budget": budget, "model": dataclasses.asdict(cfg.model), "commands": commands(cfg, command, arms),
         "errors": errors, "negative_transfer": nt,
         "conflict": {a.name: _conflict([r for _, r in loaded[a.name]]) for a in arms},
@@ -159,6 +162,14 @@ def nt_table(study: dict, metric: str) -> str:
     for arm, per in study["negative_transfer"][metric].items():
         refs = ", ".join(sorted({per[d]["reference"] for d in per}))
         lines.append(f"| {arm} | {refs} | " + " | ".join(fmt_nt(per.get(d)) for d in domains) + " |")
+    return "\n".join(lines)
+
+
+def _frame_table(study: dict) -> str:
+    lines = ["| arm | domain | clustered CI (trajectories) | frame-level CI |", "|---|---|---|---|"]
+    for arm, per in study["negative_transfer"]["vrmse"].items():
+        for d, e in per.items():
+            lines.append(f"| {arm} | {d} | [{e['lo']:+.3f}, {e['hi']:+.3f}] | [{e['frame_lo']:+.3f}, {e['frame_hi']:+.3f}] |")
     return "\n".join(lines)
 
 
@@ -227,8 +238,12 @@ def markdown(study: dict) -> str:
         c["report"], "```", "",
         "## Negative transfer, decoded VRMSE", "",
         "NT_d(arm) = E_d(arm) / E_d(reference) − 1; positive = the mixed arm is worse than the single-domain "
-        f"arm of its family. Paired bootstrap ({study['bootstrap']} replicates over seeds and test samples).", "",
+        f"arm of its family. Paired clustered bootstrap ({study['bootstrap']} replicates: seeds, then test "
+        f"trajectories, then frames within each drawn trajectory).", "",
         nt_table(study, "vrmse"), "",
+        "The same intervals with frames resampled as if independent (the earlier default), for comparison: "
+        "frames of one trajectory are correlated, so these are narrower than the data supports.", "",
+        _frame_table(study), "",
         "## Negative transfer, latent MSE", "", nt_table(study, "latent_mse"), "",
         "## Errors (mean over seeds and test samples)", "", _error_table(study), "",
         "## Gradient conflict on shared parameters", "",
@@ -243,8 +258,11 @@ def markdown(study: dict) -> str:
         *_verdicts(study), "",
         f"- Scale: {b['steps']} steps, model width {study['model']['dim']}, depth {study['model']['depth']}, "
         f"{study['model']['num_experts']} experts; {study['seeds']} seed(s). The intervals cover seed and "
-        f"test-sample variation at this budget only" + (" (one seed: test-sample variation only)"
-                                                         if study["seeds"] == 1 else "") + ".",
+        f"test-trajectory variation at this budget only" + (" (one seed: test-trajectory variation only)"
+                                                             if study["seeds"] == 1 else "") + ". "
+        f"Test trajectories per domain: {', '.join(f'{d}: {n}' for d, n in study['test_trajectories'].items())}"
+        + ("; with fewer than 4 a domain's interval says little about other trajectories (geometries, flows)."
+           if min(study["test_trajectories"].values(), default=0) < 4 else "."),
         "- They say nothing about other budgets, model sizes, data sizes, tokenizers or domains; "
         "a short budget mostly measures early-training speed, not converged transfer.",
         "- dense_total_mixed is compared with dense_single_<d> (active width), so its NT also contains the "

@@ -19,23 +19,43 @@ def negative_transfer(err_arm_RI: np.ndarray, err_ref_RI: np.ndarray) -> float:
 
 
 def paired_bootstrap_ci(err_arm_RI: np.ndarray, err_ref_RI: np.ndarray, replicates: int, level: float,
-                        seed: int = 0) -> tuple[float, float]:
-    """Percentile interval of NT under a two-level paired bootstrap: [R, I] x2 -> (lo, hi).
+                        seed: int = 0, cluster_I: np.ndarray | None = None) -> tuple[float, float]:
+    """Percentile interval of NT under a paired bootstrap: [R, I] x2 -> (lo, hi).
 
-    Each replicate resamples seeds, then test samples, with replacement, and takes the SAME
-    indices for both arms: the arms share seeds and test samples, so the pairing removes the
-    between-sample spread both see. An arm against itself gives NT = 0 in every replicate."""
+    Each replicate resamples seeds, then test samples, with replacement, and takes the SAME indices
+    for both arms: the arms share seeds and test samples, so the pairing removes the between-sample
+    spread both see. An arm against itself gives NT = 0 in every replicate.
+    cluster_I (the trajectory of each sample) makes it a clustered bootstrap: whole trajectories are
+    resampled, then frames within each drawn trajectory. Frames of one trajectory are strongly
+    correlated, so resampling them as if independent (cluster_I=None) understates the spread and
+    says nothing about other trajectories (other geometries, other flows)."""
     _check_paired(err_arm_RI, err_ref_RI)
     R, I = err_arm_RI.shape
     rng = np.random.default_rng(seed)
     seed_QR = rng.integers(0, R, size=(replicates, R))
-    sample_QI = rng.integers(0, I, size=(replicates, I))
-    arm_Q = err_arm_RI[seed_QR[:, :, None], sample_QI[:, None, :]].mean(axis=(1, 2))
-    ref_Q = err_ref_RI[seed_QR[:, :, None], sample_QI[:, None, :]].mean(axis=(1, 2))
+    if cluster_I is None:
+        sample_QI = rng.integers(0, I, size=(replicates, I))
+        arm_Q = err_arm_RI[seed_QR[:, :, None], sample_QI[:, None, :]].mean(axis=(1, 2))
+        ref_Q = err_ref_RI[seed_QR[:, :, None], sample_QI[:, None, :]].mean(axis=(1, 2))
+    else:
+        if len(cluster_I) != I:
+            raise ValueError(f"cluster_I has {len(cluster_I)} entries for {I} samples")
+        members = [np.flatnonzero(cluster_I == c) for c in np.unique(cluster_I)]
+        arm_Q, ref_Q = np.empty(replicates), np.empty(replicates)
+        for q in range(replicates):
+            drawn = rng.integers(0, len(members), size=len(members))
+            idx = np.concatenate([members[c][rng.integers(0, len(members[c]), size=len(members[c]))] for c in drawn])
+            arm_Q[q] = err_arm_RI[seed_QR[q][:, None], idx[None, :]].mean()
+            ref_Q[q] = err_ref_RI[seed_QR[q][:, None], idx[None, :]].mean()
     nt_Q = arm_Q / ref_Q - 1.0
     alpha = (1.0 - level) / 2
     lo, hi = np.quantile(nt_Q, [alpha, 1.0 - alpha])
     return float(lo), float(hi)
+
+
+def trajectory_of(sample_id: str) -> str:
+    """The cluster of an evaluation sample id `<domain>_<traj:05d>_<frame:05d>`: `<domain>_<traj>`."""
+    return sample_id.rsplit("_", 1)[0]
 
 
 def _check_paired(a_RI: np.ndarray, b_RI: np.ndarray) -> None:
