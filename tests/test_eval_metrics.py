@@ -36,11 +36,13 @@ def test_perfect_prediction_scores_zero():
 def test_vrmse_of_spatial_mean_is_one_and_nrmse_of_zero_is_one():
     u = _field(1)
     mean = u.mean(dim=(-3, -2, -1), keepdim=True).expand_as(u)
-    assert torch.allclose(M.vrmse_BC(mean, u), torch.ones(2, 3, dtype=torch.float64), atol=1e-6)
+    # The Well's variance is the unbiased one: the spatial mean scores sqrt((n - 1) / n), not 1.
+    n = N**3
+    assert torch.allclose(M.vrmse_BC(mean, u), torch.full((2, 3), math.sqrt((n - 1) / n), dtype=torch.float64), atol=1e-9)
     assert torch.allclose(M.nrmse_BC(torch.zeros_like(u), u), torch.ones(2, 3, dtype=torch.float64), atol=1e-6)
     # an error of half the fluctuation: VRMSE 0.5 exactly (up to eps)
     half = mean + 0.5 * (u - mean)
-    assert torch.allclose(M.vrmse_BC(half, u), torch.full((2, 3), 0.5, dtype=torch.float64), atol=1e-6)
+    assert torch.allclose(M.vrmse_BC(half, u), torch.full((2, 3), 0.5 * math.sqrt((n - 1) / n), dtype=torch.float64), atol=1e-9)
     assert torch.allclose(M.mse_B(half, u), 0.25 * (u - mean).pow(2).mean(dim=(1, 2, 3, 4)))
 
 
