@@ -337,3 +337,37 @@ def test_vrmse_and_nrmse_equal_the_wells_implementation():
     const = torch.full((1, 3, N, N, N), 2.0, dtype=torch.float64)
     assert torch.allclose(M.vrmse_BC(const + 1e-3, const),
                           VRMSE.eval(rearrange(const + 1e-3, to_well), rearrange(const, to_well), meta), rtol=1e-12)
+
+
+def test_end_to_end_two_simulated_domains_and_one_imported(tmp_path):
+    """simulate (channel, porous) + import (a Well file) -> tokenizer -> encode -> 3-domain MoE
+    pretraining -> evaluate; training and evaluation telemetry name all three domains."""
+    import eval_workspace
+
+    root = tmp_path / "ws"
+    common = ["--profile", "smoke", "--root", str(root), *eval_workspace.FAST]
+    quick_sim = ["sim.trajectories.train=1", "sim.trajectories.val=1", "sim.trajectories.test=1", "sim.frames=4",
+                 "sim.channel.spinup_time=1", "sim.channel.decorrelation_time=0.2", "sim.channel.frame_interval=0.2",
+                 "sim.porous.spinup_time=0.2", "sim.porous.frame_interval=0.2", "sim.porous.porosity=[0.75, 0.8]"]
+    assert main(["simulate", *common, *quick_sim]) == 0
+    well = write_well(tmp_path / "toy.hdf5", solenoidal_frames(3, 4, seed=7))
+    assert main(["import", "--format", "well", str(well), "--domain", "well_toy", *common]) == 0
+    manifest = read_json(root / "raw" / "manifest.json")
+    assert manifest["domains"] == ["channel", "porous", "well_toy"] and manifest["imported"] == ["well_toy"]
+    # a rerun of the simulation keeps the imported domain (its section is folded in again)
+    assert main(["simulate", *common, *quick_sim]) == 0
+    assert read_json(root / "raw" / "manifest.json")["domains"] == ["channel", "porous", "well_toy"]
+
+    mix = "data.weights={channel: 1, porous: 1, well_toy: 1}"
+    for argv in (["train-tokenizer"], ["encode"], ["pretrain", "--run-name", "three"]):
+        assert main([*argv, *common, mix]) == 0, argv
+    run = root / "runs" / "shodh" / "three"
+    assert main(["evaluate", *common, mix, "--run", str(run)]) == 0
+    names = set()
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        names |= set(json.loads(line).get("metrics", json.loads(line)))
+    for domain in ("channel", "porous", "well_toy"):
+        assert any(n.startswith(f"route/{domain}/layer") for n in names), domain
+        assert any(n.startswith(f"val/{domain}/") for n in names), domain
+    summary = read_json(run / "eval" / "summary.json")
+    assert set(summary["samples"][summary["splits"][0]]) == {"channel", "porous", "well_toy"}
