@@ -150,6 +150,21 @@ def gradient(u_CXYZ: torch.Tensor, operator: Operator, length: float = BOX) -> t
     return torch.stack([_fwd(u_CXYZ, axis, dx) for axis in range(3)], dim=-4)
 
 
+def _spectral_grad_rms(u_BCXYZ: torch.Tensor, length: float) -> float:
+    """rms over fields and space of |∇u| (Frobenius) for the spectral operator, by Parseval: the same
+    number as `gradient(...)`, from one forward FFT instead of nine inverse ones (a 128^3 import
+    measures every frame)."""
+    n = u_BCXYZ.shape[-1]
+    kx, ky, kz = _k_axes(u_BCXYZ, length)
+    weight_H = torch.full_like(kz, 2.0)  # an rfft mode 0 < kz < N/2 stands for itself and its conjugate
+    weight_H[..., 0] = 1.0
+    if n % 2 == 0:
+        weight_H[..., -1] = 1.0
+    power = (fft(u_BCXYZ).abs() ** 2 * (kx**2 + ky**2 + kz**2) * weight_H).sum()
+    fields = u_BCXYZ.numel() // (3 * n**3)
+    return float((power / n**6 / fields).sqrt())
+
+
 def divergence_stats(u_BCXYZ: torch.Tensor, operator: Operator, length: float = BOX) -> dict[str, float]:
     """Divergence of a batch of fields [B, 3, X, Y, Z] with the matching operator, in their dtype.
 
@@ -157,7 +172,8 @@ def divergence_stats(u_BCXYZ: torch.Tensor, operator: Operator, length: float = 
     batch of |∇u| (Frobenius norm), which makes the numbers independent of units and grid.
     """
     div_BXYZ = divergence(u_BCXYZ, operator, length)
-    grad_rms = float(gradient(u_BCXYZ, operator, length).pow(2).sum(dim=(-5, -4)).mean().sqrt())
+    grad_rms = _spectral_grad_rms(u_BCXYZ, length) if operator == "spectral" else \
+        float(gradient(u_BCXYZ, operator, length).pow(2).sum(dim=(-5, -4)).mean().sqrt())
     max_abs = float(div_BXYZ.abs().max())
     scale = max(grad_rms, 1e-300)
     return {"max_abs": max_abs, "rel_max": max_abs / scale,
