@@ -26,6 +26,12 @@ LATENT = 16  # latent grid side: every profile encodes fields to [C, 16, 16, 16]
 STUDY_DONE = "study_arm.json"  # a finished study child run
 
 
+def valid_grid(n: int) -> bool:
+    """A field grid side the tokenizer can halve down to the LATENT grid: 16·2^k."""
+    ratio = n // LATENT
+    return n >= LATENT and n % LATENT == 0 and ratio & (ratio - 1) == 0
+
+
 def ensure_root(root: Path) -> Path:
     """Create the workspace if needed and prove it is writable, before any work starts."""
     root = Path(root)

@@ -50,6 +50,7 @@ from shodh.workspace import (
     raw_dir,
     raw_manifest_path,
     shard_file,
+    valid_grid,
 )
 
 log = logging.getLogger(__name__)
@@ -87,12 +88,6 @@ class ImportOptions:
         check(self.resample is None or valid_grid(self.resample), "--resample",
               f"must be {LATENT} times a power of two, got {self.resample}")
         check(self.dt is None or self.dt > 0, "--dt", f"must be > 0, got {self.dt}")
-
-
-def valid_grid(n: int) -> bool:
-    """A cube side the tokenizer can reduce to the 16^3 latent grid: 16·2^k."""
-    ratio = n // LATENT
-    return n >= LATENT and n % LATENT == 0 and ratio & (ratio - 1) == 0
 
 
 @dataclass
@@ -253,6 +248,7 @@ def _run(opts: ImportOptions, root: Path, operator: str) -> dict:
                 "counts": {s: {} for s in SPLITS}, "stats": {}}
     manifest = fold_sections(base, [read_json(p, "import section") for p in import_section_files(root)])
     write_json_atomic(raw_manifest_path(root), manifest)
+    log.info("imported %d trajectories of %s in %.1f s", len(records), opts.domain, time.perf_counter() - t_start)
     return manifest
 
 

@@ -19,7 +19,7 @@ when present).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -60,7 +60,6 @@ class Source:
     _channels_last: bool = True
     _per_trajectory: bool = True
     _handle: object = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def sides(self) -> tuple[int, int, int]:
@@ -154,8 +153,7 @@ def _open_well(f: h5py.File, path: Path, field_name: str) -> Source:
         spacing.append(float(np.mean(np.diff(coord))) if coord.size > 1 else 1.0)
     return Source(path=path, dataset=where, dataset_name=name, trajectories=n_traj if per_traj else 1,
                   times_T=times, boundaries=kinds, spacing=tuple(spacing), split=_split_of(path), _array=ds,
-                  _channels_last=True, _per_trajectory=per_traj, _handle=f,
-                  extra={"spatial_dims": axes})
+                  _channels_last=True, _per_trajectory=per_traj, _handle=f)
 
 
 def open_array(path: Path, fmt: str, dataset: str, channels_last: bool, dt: float | None,

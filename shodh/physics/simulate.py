@@ -53,6 +53,7 @@ from shodh.workspace import (
     shard_file,
     spinup_paths,
     trajectory_name,
+    valid_grid,
 )
 
 log = logging.getLogger(__name__)
@@ -91,8 +92,7 @@ class SimConfig:
     porous: PorousConfig = field(default_factory=PorousConfig)
 
     def validate(self) -> None:
-        ratio = self.grid // LATENT
-        check(self.grid >= LATENT and self.grid % LATENT == 0 and ratio & (ratio - 1) == 0, "grid",
+        check(valid_grid(self.grid), "grid",
               f"must be {LATENT} times a power of two ({', '.join(str(LATENT * 2**i) for i in range(4))}, ...) so the "
               f"tokenizer reaches {LATENT}^3, got {self.grid}")
         check(len(self.domains) >= 1 and len(set(self.domains)) == len(self.domains), "domains",
