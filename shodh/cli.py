@@ -69,6 +69,23 @@ def cmd_simulate(args, cfg: RunConfig) -> int:
     return 0
 
 
+def cmd_import(args, cfg: RunConfig) -> int:
+    from shodh.ingest.importer import ImportOptions, run_import
+
+    if not args.paths:
+        raise ShodhError("shodh import: give at least one PATH")
+    opts = ImportOptions(format=args.format, paths=args.paths, domain=args.domain, field=args.field, split=args.split,
+                         walls=args.walls, allow_open=args.allow_open, max_nonsolenoidal=args.max_nonsolenoidal,
+                         project=args.project, resample=args.resample, dataset=args.dataset,
+                         channels_last=args.channels_last, dt=args.dt, boundaries=args.boundaries, mask=args.mask)
+    root = ensure_root(args.root)
+    manifest = run_import(opts, root, cfg.tokenizer.operator)
+    counts = manifest["counts"]
+    summary = ", ".join(f"{s}: {counts[s].get(args.domain, {}).get('samples', 0)}" for s in SPLITS)
+    print(f"imported {args.domain} into {root / 'raw'} ({summary} frames); domains now {', '.join(manifest['domains'])}")
+    return 0
+
+
 def cmd_pretrain(args, cfg: RunConfig) -> int:
     from shodh.distributed import dist_info
     from shodh.eval.callbacks import training_callbacks
@@ -176,6 +193,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace raw data made by another config")
     p.set_defaults(func=cmd_simulate)
 
+    p = verbs.add_parser("import", help="import velocity data (The Well's HDF5, npy / HDF5 arrays) as raw shards of a domain")
+    p.add_argument("--format", choices=("well", "npy", "hdf5"), required=True,
+                   help="well: The Well's HDF5 schema; npy / hdf5: one trajectory per file, [T, 3, X, Y, Z]")
+    p.add_argument("--domain", required=True, help="the domain name in the workspace (data.weights keys name it)")
+    p.add_argument("--field", default="velocity", help="Well: the vector field t1_fields/<FIELD> (default: velocity)")
+    p.add_argument("--split", choices=("train", "val", "test", "auto"), default="auto",
+                   help="auto: the file's own split (data/train|valid|test folders), else the last tenths are val/test")
+    p.add_argument("--walls", choices=("mirror", "solid"), default="mirror",
+                   help="WALL axes: mirror extension (tangential even, normal odd) or solid padding to the longest axis")
+    p.add_argument("--allow-open", action="store_true", help="use OPEN axes as if periodic instead of refusing")
+    p.add_argument("--max-nonsolenoidal", type=float, default=0.01,
+                   help="refuse frames whose non-solenoidal part exceeds this fraction of the fluctuation rms (default 0.01)")
+    p.add_argument("--project", action="store_true",
+                   help="store the solenoidal part instead of refusing; records what was removed")
+    p.add_argument("--resample", type=int, default=None, metavar="N", help="spectrally resample to N^3 (never done otherwise)")
+    p.add_argument("--dataset", default="velocity", help="hdf5 arrays: the dataset holding [T, 3, X, Y, Z] (default: velocity)")
+    p.add_argument("--channels-last", action="store_true", help="npy / hdf5 arrays are [T, X, Y, Z, 3]")
+    p.add_argument("--dt", type=float, default=None, help="npy / hdf5 arrays: time between frames")
+    p.add_argument("--boundaries", type=lambda text: text.split(","), default=["periodic"] * 3, metavar="BX,BY,BZ",
+                   help="npy / hdf5 arrays: periodic|wall|open per axis (default periodic,periodic,periodic)")
+    p.add_argument("--mask", type=Path, default=None, help="npy / hdf5 arrays: solid mask [X, Y, Z] as .npy of 0/1")
+    _common(p)
+    p.set_defaults(func=cmd_import)
+    # Files and overrides share the positional arguments: an override has '=' (section.key=value).
+    p.usage = "shodh import --format {well,npy,hdf5} PATH [PATH ...] --domain NAME [options] [section.key=value ...]"
+
     p = verbs.add_parser("pretrain", help="pretrain the MoE / dense latent transformer (also: deepspeed --module shodh.pretrain)")
     _common(p)
     p.add_argument("--run-name", default=None, help="run directory and MLflow run name (default: <profile>-<model.kind>)")
@@ -225,7 +268,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.verb == "import":
+        # argparse takes one run of positionals; files and overrides may also follow the options.
+        if any(a.startswith("-") for a in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
+        args.paths = [Path(a) for a in args.overrides if "=" not in a]
+        args.overrides = [a for a in args.overrides if "=" in a]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     overrides = [*args.overrides, *(["train.trust_checkpoint=true"] if getattr(args, "trust_checkpoint", False) else [])]
     try:

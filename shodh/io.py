@@ -375,6 +375,30 @@ def moments(records: list[dict]) -> dict:
     return {"mean": mean.tolist(), "std": np.sqrt(np.maximum(var, 0)).tolist(), "voxels": n}
 
 
+def fold_sections(manifest: dict, sections: list[dict]) -> dict:
+    """The raw manifest with imported domains' sections (shodh import) added: their domains,
+    shards, counts and train statistics; `imported` lists them. A domain in two sections, or one
+    the manifest already has, is an error: a domain has one source."""
+    out = {**manifest, "domains": list(manifest["domains"]), "shards": list(manifest["shards"]),
+           "counts": {s: dict(c) for s, c in manifest["counts"].items()}, "stats": dict(manifest["stats"]),
+           "imported": []}
+    for section in sections:
+        domain = section["domain"]
+        if domain in out["domains"]:
+            raise DataError(f"raw manifest: domain '{domain}' comes from two sources (simulated or imported twice); "
+                            f"import it under another --domain")
+        if section["grid"] != out["grid"]:
+            raise DataError(f"raw manifest: imported domain '{domain}' has grid {section['grid']}, the workspace "
+                            f"{out['grid']}; re-import it with --resample {out['grid']}")
+        out["domains"].append(domain)
+        out["imported"].append(domain)
+        out["shards"] += section["shards"]
+        for split, count in section["counts"].items():
+            out["counts"].setdefault(split, {})[domain] = count
+        out["stats"][domain] = section["stats"]
+    return out
+
+
 # ---------------------------------------------------------------- run locks
 
 

@@ -3,6 +3,7 @@
 Layout (DESIGN.md):
     ROOT/raw/<split>/<domain>-<traj:06d>.tar    raw field shards, ROOT/raw/manifest.json
     ROOT/raw/parts/<domain>-<traj:06d>.json     one finished trajectory's manifest entry
+    ROOT/raw/imports/<domain>.json              an imported domain's manifest section (shodh import)
     ROOT/tokenizer/                             tokenizer.pt, tokenizer.json, checkpoint.pt
     ROOT/latents/<tokenizer-id>/                latent shards (same split/parts layout), manifest.json
     ROOT/runs/<experiment>/<run>/               one run (pretraining, tokenizer, study parent or child)
@@ -23,6 +24,12 @@ SPLITS = ("train", "val", "test")  # trajectory splits; a trajectory belongs to 
 HELD_OUT = ("val", "test")
 LATENT = 16  # latent grid side: every profile encodes fields to [C, 16, 16, 16]
 STUDY_DONE = "study_arm.json"  # a finished study child run
+
+
+def valid_grid(n: int) -> bool:
+    """A field grid side the tokenizer can halve down to the LATENT grid: 16·2^k."""
+    ratio = n // LATENT
+    return n >= LATENT and n % LATENT == 0 and ratio & (ratio - 1) == 0
 
 
 def ensure_root(root: Path) -> Path:
@@ -101,6 +108,20 @@ def shard_file(folder: Path, split: str, domain: str, trajectory: int) -> Path:
 def part_file(folder: Path, domain: str, trajectory: int) -> Path:
     """`<folder>/parts/<domain>-<traj>.json`: a finished trajectory's manifest record."""
     return Path(folder) / "parts" / f"{trajectory_name(domain, trajectory)}.json"
+
+
+def import_section_file(root: Path, domain: str) -> Path:
+    """ROOT/raw/imports/<domain>.json: an imported domain's shards, counts, statistics and provenance,
+    folded into raw/manifest.json beside the simulated domains."""
+    return raw_dir(root) / "imports" / f"{check_name(domain, '--domain')}.json"
+
+
+def import_section_files(root: Path) -> list[Path]:
+    return sorted((raw_dir(root) / "imports").glob("*.json"))
+
+
+def import_lock_file(root: Path, domain: str) -> Path:
+    return Path(root) / f".lock-import-{check_name(domain, '--domain')}"
 
 
 # ---------------------------------------------------------------- tokenizer and latents

@@ -36,11 +36,13 @@ def test_perfect_prediction_scores_zero():
 def test_vrmse_of_spatial_mean_is_one_and_nrmse_of_zero_is_one():
     u = _field(1)
     mean = u.mean(dim=(-3, -2, -1), keepdim=True).expand_as(u)
-    assert torch.allclose(M.vrmse_BC(mean, u), torch.ones(2, 3, dtype=torch.float64), atol=1e-6)
+    # The Well's variance is the unbiased one: the spatial mean scores sqrt((n - 1) / n), not 1.
+    n = N**3
+    assert torch.allclose(M.vrmse_BC(mean, u), torch.full((2, 3), math.sqrt((n - 1) / n), dtype=torch.float64), atol=1e-9)
     assert torch.allclose(M.nrmse_BC(torch.zeros_like(u), u), torch.ones(2, 3, dtype=torch.float64), atol=1e-6)
     # an error of half the fluctuation: VRMSE 0.5 exactly (up to eps)
     half = mean + 0.5 * (u - mean)
-    assert torch.allclose(M.vrmse_BC(half, u), torch.full((2, 3), 0.5, dtype=torch.float64), atol=1e-6)
+    assert torch.allclose(M.vrmse_BC(half, u), torch.full((2, 3), 0.5 * math.sqrt((n - 1) / n), dtype=torch.float64), atol=1e-9)
     assert torch.allclose(M.mse_B(half, u), 0.25 * (u - mean).pow(2).mean(dim=(1, 2, 3, 4)))
 
 
@@ -90,3 +92,26 @@ def test_spectral_error_of_an_empty_band_is_bounded():
     err = M.spectral_error_B3(truth + 1e-3 * _mode(6), truth)[0]
     assert err[0] < 1e-25 and err[1] < 1e-25
     assert err[2] == pytest.approx(1e-6 / M.SPECTRAL_FLOOR)  # (1e-3)² of the energy, over the floor
+
+
+@pytest.mark.parametrize("n", [16, 15])
+def test_divergence_stats_gradient_rms_by_parseval_equals_the_gradient_operator(n):
+    u = torch.randn(2, 3, n, n, n, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    direct = float(spectral.gradient(u, "spectral").pow(2).sum(dim=(-5, -4)).mean().sqrt())
+    assert spectral.divergence_stats(u, "spectral")["grad_rms"] == pytest.approx(direct, rel=1e-12)
+
+
+@pytest.mark.parametrize("operator", spectral.OPERATORS)
+def test_solenoidal_part_is_divergence_free_keeps_the_mean_and_is_a_projection(operator):
+    u = _field(6)[0]
+    p = spectral.solenoidal(u, operator)
+    assert spectral.divergence_stats(u[None], operator)["rel_max"] > 0.1
+    assert spectral.divergence_stats(p[None], operator)["rel_max"] < 1e-13
+    assert torch.allclose(p.mean(dim=(-3, -2, -1)), u.mean(dim=(-3, -2, -1)), atol=1e-14)
+    assert torch.allclose(spectral.solenoidal(p, operator), p, atol=1e-12)
+    # orthogonal: the removed part carries no energy of the kept one
+    assert abs(float(((u - p) * (p - p.mean(dim=(-3, -2, -1), keepdim=True))).sum())) < 1e-9 * float((u * u).sum())
+    # a curl (of the matching operator) is left alone
+    a = _field(7)[0]
+    w = spectral.curl(a, operator)
+    assert torch.allclose(spectral.solenoidal(w, operator), w, atol=1e-12)

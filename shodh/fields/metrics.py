@@ -7,9 +7,12 @@ T frames of a trajectory. Fields live on the periodic box [0, 2π)^3, so wavenum
 Error metrics follow The Well (Ohana et al., 2024), per sample and per component over space:
     MSE   = mean_x (p - t)^2
     nRMSE = sqrt( mean_x (p - t)^2 / (mean_x t^2 + eps) )
-    VRMSE = sqrt( mean_x (p - t)^2 / (mean_x (t - mean_x t)^2 + eps) )
-VRMSE = 1 for a prediction that is the spatial mean of the truth, so it says how much of the
-field's variation a model explains, independent of the mean flow; nRMSE also credits the mean.
+    VRMSE = sqrt( mean_x (p - t)^2 / (var_x t + eps) ),  var_x with Bessel's correction (1 / (n - 1))
+exactly as `the_well.benchmark.metrics` computes them (torch.std's default is the unbiased
+estimate; eps = 1e-7 inside the root; tests/test_import.py checks against its code).
+VRMSE = sqrt((n - 1) / n) ≈ 1 for a prediction that is the spatial mean of the truth (n grid
+points), so it says how much of the field's variation a model explains, independent of the
+mean flow; nRMSE also credits the mean.
 The whole box is scored, solid cells included (the truth is ~0 there, leakage counts as error).
 """
 
@@ -38,7 +41,7 @@ def nrmse_BC(pred_BCXYZ: torch.Tensor, true_BCXYZ: torch.Tensor, eps: float = EP
 def vrmse_BC(pred_BCXYZ: torch.Tensor, true_BCXYZ: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     """The Well's VRMSE per sample and component: [B, C, X, Y, Z] x2 -> [B, C]."""
     err_BC = (pred_BCXYZ - true_BCXYZ).pow(2).mean(dim=(-3, -2, -1))
-    var_BC = true_BCXYZ.var(dim=(-3, -2, -1), unbiased=False)
+    var_BC = true_BCXYZ.var(dim=(-3, -2, -1), correction=1)
     return (err_BC / (var_BC + eps)).sqrt()
 
 

@@ -1,5 +1,6 @@
 """Spectral maths on the periodic N^3 box: wavenumbers, FFTs, Leray projection, discrete
-curl / divergence / gradient pairs, Biot–Savart, resampling, and the solver's `SpectralGrid`.
+curl / divergence / gradient pairs and the solenoidal projection matching each divergence,
+Biot–Savart, resampling, and the solver's `SpectralGrid`.
 
 Shape legend (the project's): B batch, C channels/components (3 velocity components or latent
 channels), X Y Z grid axes (N each), H the halved rfft axis (N // 2 + 1), S spectral shells,
@@ -149,6 +150,21 @@ def gradient(u_CXYZ: torch.Tensor, operator: Operator, length: float = BOX) -> t
     return torch.stack([_fwd(u_CXYZ, axis, dx) for axis in range(3)], dim=-4)
 
 
+def _spectral_grad_rms(u_BCXYZ: torch.Tensor, length: float) -> float:
+    """rms over fields and space of |∇u| (Frobenius) for the spectral operator, by Parseval: the same
+    number as `gradient(...)`, from one forward FFT instead of nine inverse ones (a 128^3 import
+    measures every frame)."""
+    n = u_BCXYZ.shape[-1]
+    kx, ky, kz = _k_axes(u_BCXYZ, length)
+    weight_H = torch.full_like(kz, 2.0)  # an rfft mode 0 < kz < N/2 stands for itself and its conjugate
+    weight_H[..., 0] = 1.0
+    if n % 2 == 0:
+        weight_H[..., -1] = 1.0
+    power = (fft(u_BCXYZ).abs() ** 2 * (kx**2 + ky**2 + kz**2) * weight_H).sum()
+    fields = u_BCXYZ.numel() // (3 * n**3)
+    return float((power / n**6 / fields).sqrt())
+
+
 def divergence_stats(u_BCXYZ: torch.Tensor, operator: Operator, length: float = BOX) -> dict[str, float]:
     """Divergence of a batch of fields [B, 3, X, Y, Z] with the matching operator, in their dtype.
 
@@ -156,11 +172,36 @@ def divergence_stats(u_BCXYZ: torch.Tensor, operator: Operator, length: float = 
     batch of |∇u| (Frobenius norm), which makes the numbers independent of units and grid.
     """
     div_BXYZ = divergence(u_BCXYZ, operator, length)
-    grad_rms = float(gradient(u_BCXYZ, operator, length).pow(2).sum(dim=(-5, -4)).mean().sqrt())
+    grad_rms = _spectral_grad_rms(u_BCXYZ, length) if operator == "spectral" else \
+        float(gradient(u_BCXYZ, operator, length).pow(2).sum(dim=(-5, -4)).mean().sqrt())
     max_abs = float(div_BXYZ.abs().max())
     scale = max(grad_rms, 1e-300)
     return {"max_abs": max_abs, "rel_max": max_abs / scale,
             "rel_rms": float(div_BXYZ.pow(2).mean().sqrt()) / scale, "grad_rms": grad_rms}
+
+
+def solenoidal(u_CXYZ: torch.Tensor, operator: Operator, length: float = BOX) -> torch.Tensor:
+    """The divergence-free part of u with respect to `operator`'s divergence: [..., 3, X, Y, Z] -> same.
+
+    The orthogonal projection û - conj(d) (d·û) / |d|² with d the divergence's Fourier symbol per
+    axis (i k, Nyquist zeroed, for `spectral`; (e^{ik dx} - 1) / dx, the forward difference, for
+    `staggered`): `divergence(solenoidal(u), operator)` is round-off, the mean flow is kept, and
+    u - solenoidal(u) is what a decoder that returns curl A + mean cannot represent. For
+    `spectral` this is the Leray projection.
+    """
+    n = u_CXYZ.shape[-1]
+    k_axes = _k_axes(u_CXYZ, length)
+    if operator == "spectral":
+        d_axes = [1j * k for k in k_axes]
+    else:
+        full_k = [wavenumbers(n, length, u_CXYZ.dtype, u_CXYZ.device)[i].view(shape)
+                  for i, shape in ((0, (n, 1, 1)), (0, (1, n, 1)), (1, (1, 1, -1)))]
+        d_axes = [(torch.exp(1j * k * (length / n)) - 1) / (length / n) for k in full_k]
+    uh_C = list(fft(u_CXYZ).unbind(-4))
+    d_dot_u = sum(d * h for d, h in zip(d_axes, uh_C))
+    d2 = sum(d.abs() ** 2 for d in d_axes)
+    d2_safe = torch.where(d2 == 0, torch.ones_like(d2), d2)  # the mean mode (and spectral Nyquist corners) kept
+    return torch.stack([ifft(h - d.conj() * d_dot_u / d2_safe, n) for d, h in zip(d_axes, uh_C)], dim=-4)
 
 
 def biot_savart(w_CXYZ: torch.Tensor, length: float = BOX) -> torch.Tensor:
@@ -185,26 +226,29 @@ def biot_savart(w_CXYZ: torch.Tensor, length: float = BOX) -> torch.Tensor:
 
 
 def resample(u_XYZ: torch.Tensor, n_out: int) -> torch.Tensor:
-    """Spectral interpolation of a periodic field [..., N, N, N] to [..., n_out, n_out, n_out],
-    in its dtype, by zero-padding or truncating the rfft modes.
+    """Spectral interpolation of a periodic field [..., X, Y, Z] (any sides; cubic in the solver)
+    to [..., n_out, n_out, n_out], in its dtype, by zero-padding or truncating the rfft modes.
 
-    Keeps exactly the modes with |k_i| < min(N, n_out) / 2 on every axis, i.e. all modes the
-    smaller grid holds except an even grid's Nyquist plane (k_i = ±M/2 for M = min(N, n_out)),
+    Keeps exactly the modes with |k_i| < min(N_i, n_out) / 2 on every axis, i.e. all modes the
+    smaller grid holds except an even grid's Nyquist plane (k_i = ±M/2 for M = min(N_i, n_out)),
     which is dropped: it is a single real coefficient standing for both ±M/2, so it has no
     unique counterpart on the other grid. Hence the result is exact (up to FFT round-off) for
     fields band-limited below both grids' Nyquist (dealiased solver states are), and
     n_out == N is not the identity but removes the Nyquist plane.
     """
-    n = u_XYZ.shape[-1]
-    half = (min(n, n_out) + 1) // 2  # modes 0 .. half-1 and -(half-1) .. -1 are kept
+    sides = u_XYZ.shape[-3:]
+    hx, hy, hz = ((min(n, n_out) + 1) // 2 for n in sides)  # modes 0 .. h-1 and -(h-1) .. -1 are kept
     uh = fft(u_XYZ)
     out = torch.zeros((*u_XYZ.shape[:-3], n_out, n_out, n_out // 2 + 1), dtype=uh.dtype, device=uh.device)
-    # (source, destination) index ranges of the non-negative and the negative wavenumbers
-    pairs = [(slice(0, half), slice(0, half)), (slice(n - half + 1, n), slice(n_out - half + 1, n_out))]
-    for src_x, dst_x in pairs:
-        for src_y, dst_y in pairs:
-            out[..., dst_x, dst_y, :half] = uh[..., src_x, src_y, :half]
-    return ifft(out, n_out) * (n_out / n) ** 3
+
+    def pairs(n: int, half: int) -> list[tuple[slice, slice]]:
+        """(source, destination) index ranges of the non-negative and the negative wavenumbers."""
+        return [(slice(0, half), slice(0, half)), (slice(n - half + 1, n), slice(n_out - half + 1, n_out))]
+
+    for src_x, dst_x in pairs(sides[0], hx):
+        for src_y, dst_y in pairs(sides[1], hy):
+            out[..., dst_x, dst_y, :hz] = uh[..., src_x, src_y, :hz]
+    return ifft(out, n_out) * (n_out**3 / math.prod(sides))
 
 
 def resample_mask(mask_XYZ: torch.Tensor, n: int) -> torch.Tensor:

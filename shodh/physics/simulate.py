@@ -29,6 +29,7 @@ from shodh.io import (
     AtomicShardWriter,
     RunLock,
     collect_parts,
+    fold_sections,
     moments,
     read_json,
     remove_stale_temporaries,
@@ -44,6 +45,7 @@ from shodh.physics.solver import NavierStokes
 from shodh.workspace import (
     LATENT,
     SPLITS,
+    import_section_files,
     part_file,
     raw_dir,
     raw_lock_file,
@@ -51,6 +53,7 @@ from shodh.workspace import (
     shard_file,
     spinup_paths,
     trajectory_name,
+    valid_grid,
 )
 
 log = logging.getLogger(__name__)
@@ -89,8 +92,7 @@ class SimConfig:
     porous: PorousConfig = field(default_factory=PorousConfig)
 
     def validate(self) -> None:
-        ratio = self.grid // LATENT
-        check(self.grid >= LATENT and self.grid % LATENT == 0 and ratio & (ratio - 1) == 0, "grid",
+        check(valid_grid(self.grid), "grid",
               f"must be {LATENT} times a power of two ({', '.join(str(LATENT * 2**i) for i in range(4))}, ...) so the "
               f"tokenizer reaches {LATENT}^3, got {self.grid}")
         check(len(self.domains) >= 1 and len(set(self.domains)) == len(self.domains), "domains",
@@ -368,5 +370,7 @@ def merge_manifest(sim: SimConfig, seed: int, root: Path) -> dict:
         "shards": [{k: r[k] for k in keep if k in r} for r in records],
         "counts": counts, "stats": stats,
     }
+    # Domains brought in by `shodh import` stay in the manifest when the simulation is rerun.
+    manifest = fold_sections(manifest, [read_json(p, "import section") for p in import_section_files(root)])
     write_json_atomic(raw_manifest_path(root), manifest)
     return manifest
