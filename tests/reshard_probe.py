@@ -6,9 +6,9 @@ of 2; micro batch j = rank * grad_accum + accumulation index. So any layout with
 batch and global batch sees the same micro batches (capacity factor E: no token is dropped, so
 routing does not depend on how they are grouped). Optionally resumes from RUN/checkpoints (through
 shodh.train.checkpoint, i.e. DeepSpeed's own load_checkpoint) and saves at step SAVE_AT.
-Writes OUT/losses-rank<r>.json ({step: world-mean loss}) and OUT/state-rank<r>.pt: every parameter's
-full fp32 master weight and Adam moments (expert names carry the global expert index) right after
-the resume (or at SAVE_AT on a fresh run).
+Writes OUT/losses-rank<r>.json ({step: world-mean loss}) and OUT/{loaded,saved}-rank<r>.pt: every
+parameter's full fp32 master weight and Adam moments (expert names carry the global expert index),
+Adam step counts and learning rates, right after the resume and at SAVE_AT.
 Usage: reshard_probe.py EP_SIZE GRAD_ACCUM RUN_DIR OUT_DIR MAX_STEPS SAVE_AT
 """
 
@@ -47,7 +47,7 @@ ckpt_dir = run / "checkpoints"
 local = mcfg.num_experts // ep_size
 
 
-def dump_state() -> None:
+def dump_state(kind: str) -> None:
     # DeepSpeed links each parameter to its slice of the Adam moments once, after its first step;
     # a load replaces the moment tensors, so link again to read the current ones.
     zero = engine.optimizer
@@ -66,14 +66,14 @@ def dump_state() -> None:
     state["__step__"] = sorted({int(s["step"]) for s in base.state.values()})
     state["__lr__"] = engine.get_lr()
     out.mkdir(parents=True, exist_ok=True)
-    torch.save(state, out / f"state-rank{info.rank}.pt")
+    torch.save(state, out / f"{kind}-rank{info.rank}.pt")
 
 
 step = 0
 tag = checkpoint.latest_tag(ckpt_dir)
 if tag is not None:
     step = checkpoint.restore(engine, ckpt_dir, tag, info.rank, "auto").step
-    dump_state()
+    dump_state("loaded")
 losses = {}
 while step < max_steps:
     step += 1
@@ -92,7 +92,7 @@ while step < max_steps:
     dist.all_reduce(mean)
     losses[step] = mean.item() / info.world_size
     if step == save_at:
-        dump_state()
+        dump_state("saved")
         checkpoint.save(engine, ckpt_dir, step, info.rank, {"world_size": info.world_size, "ep_size": ep_size},
                         {}, {"model": dataclasses.asdict(mcfg)})
 out.mkdir(parents=True, exist_ok=True)

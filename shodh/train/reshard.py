@@ -17,7 +17,8 @@ with plain tensors, into the files DeepSpeed itself writes for the new layout, s
   ranks with the same expert-parallel rank, rank // ep_size within it), holding that rank's experts
   ep_rank * local ... ep_rank * local + local - 1. Step counts, hyperparameters and the loss
   scaler are carried over; MoE groups are renamed `ep_size_<new>`.
-- shodh's own `rank-<n>.pt` and `meta.json` (see `map_rank_states` for the data position).
+- shodh's own `rank-<n>.pt` (loader state mapped by `shodh.data.loader.remap_states`, which
+  states the data-position guarantee; RNG) and `meta.json`.
 
 Values are moved, never recomputed: every parameter and moment of the new layout equals the old
 one bit for bit. The conversion writes into a hidden sibling folder and renames it into place
@@ -44,8 +45,9 @@ from pathlib import Path
 
 import torch
 
+from shodh.data.loader import remap_states
 from shodh.errors import ConfigError, DataError
-from shodh.io import read_json, write_json_atomic
+from shodh.io import read_json, write_json_atomic, write_text_atomic
 from shodh.train import checkpoint
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,7 @@ class Target:
     ep_size: int
     micro_batch: int
     grad_accum: int
+    world_changed: bool = True  # the source was written by another number of ranks
 
     @property
     def global_batch(self) -> int:
@@ -117,6 +120,47 @@ def check_target(saved: dict, target: Target) -> None:
             f"{saved['grad_accum']} x world {saved['world_size']}) to {target.global_batch} (micro "
             f"{target.micro_batch} x accum {target.grad_accum} x world {target.world_size}), which changes the "
             f"optimization; {hint}pass --keep-global-batch (train.keep_global_batch=true) to derive it")
+
+
+def plan(folder: Path, cfg, world: int) -> Target | None:
+    """train.resume=elastic: the conversion target for this run (world, model.ep_size, train.*), or
+    None when checkpoint `folder` already has this layout. train.keep_global_batch derives
+    grad_accum; otherwise a changed global batch is an error. Reads only meta.json."""
+    saved = saved_batch(folder)
+    if (saved["world_size"], saved["ep_size"]) == (world, cfg.model.ep_size):
+        return None
+    micro = cfg.train.micro_batch
+    accum = fit_grad_accum(saved, world, micro) if cfg.train.keep_global_batch else cfg.train.grad_accum
+    target = Target(world, cfg.model.ep_size, micro, accum, world_changed=saved["world_size"] != world)
+    check_target(saved, target)
+    return target
+
+
+def reshard_run(run_dir: Path, world: int, ep_size: int, out: Path | None = None, micro_batch: int | None = None,
+                grad_accum: int | None = None, keep_global_batch: bool = False, trust: bool = False) -> tuple[Path, dict]:
+    """`shodh reshard`: convert the run's `latest` checkpoint to (world, ep_size). Written as
+    `<tag>-w<W>-ep<E>` beside it (a later train.resume=elastic on that layout uses it), or into the
+    checkpoints directory `out` with `latest` naming it (a run directory to resume). Micro batch and
+    accumulation default to the checkpoint's; keep_global_batch derives the accumulation."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    tag = checkpoint.latest_tag(ckpt_dir)
+    if tag is None:
+        raise DataError(f"{ckpt_dir}: no complete checkpoint (no '{checkpoint.LATEST}') to reshard")
+    saved = saved_batch(ckpt_dir / tag)
+    micro = micro_batch or int(saved["micro_batch"])
+    if keep_global_batch:
+        accum = fit_grad_accum(saved, world, micro)
+    else:
+        accum = grad_accum or int(saved["grad_accum"])
+    target = Target(world, ep_size, micro, accum, world_changed=saved["world_size"] != world)
+    check_target(saved, target)
+    out_dir = Path(out) if out else ckpt_dir
+    dst = out_dir / converted_tag(tag, world, ep_size)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stats = convert(ckpt_dir / tag, dst, target, trust)
+    if out_dir.resolve() != ckpt_dir.resolve():
+        write_text_atomic(out_dir / checkpoint.LATEST, dst.name)
+    return dst, stats
 
 
 # DeepSpeed's ZeRO files hold three non-tensor objects besides plain containers: allow exactly these.
@@ -215,10 +259,9 @@ def _steps(files: dict[int, dict]) -> list:
     return found[0]
 
 
-def convert(src: Path, dst: Path, target: Target, trust: bool = False, rank_state=None) -> dict:
+def convert(src: Path, dst: Path, target: Target, trust: bool = False) -> dict:
     """Write checkpoint `src` (a tag folder) for `target` into the new tag folder `dst`; returns
-    {"seconds", "peak_rss_mib", "bytes"}. `rank_state(n, old_states) -> dict` gives new rank n's
-    shodh rank file (default: `map_rank_states`)."""
+    {"seconds", "peak_rss_mib", "bytes"}."""
     from deepspeed.utils.tensor_fragment import fragment_address
 
     t0 = time.perf_counter()
@@ -269,8 +312,9 @@ def convert(src: Path, dst: Path, target: Target, trust: bool = False, rank_stat
             group = _gather(files, g, _group_ranks(old_world, old_ep, None), list(local_shapes), shapes)
         merged.append(group)
 
+    for stale in dst.parent.glob(f".tmp-{dst.name}-*"):  # left by a conversion that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = dst.with_name(f".tmp-{dst.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         new_shapes_rank0 = []
@@ -328,10 +372,9 @@ def convert(src: Path, dst: Path, target: Target, trust: bool = False, rank_stat
         for path in sorted(src.iterdir()):
             if checkpoint.EXPERT_FILE.match(path.name):
                 shutil.copyfile(path, tmp / path.name)
-        old_ranks = {n: _load_rank(src, n) for n in range(old_world)}
         step = int(saved["step"])
-        for n in range(target.world_size):
-            mine = (rank_state or map_rank_states)(n, old_ranks, target.world_size, step)
+        old_ranks = {n: _load_rank(src, n) for n in range(old_world)}
+        for n, mine in enumerate(map_rank_states(old_ranks, target.world_size, step)):
             torch.save(mine, tmp / f"rank-{n:05d}.pt")
         write_json_atomic(tmp / "meta.json", {
             "step": step, "world_size": target.world_size, "ep_size": target.ep_size, "model": new_model,
@@ -364,23 +407,15 @@ def _load_rank(src: Path, n: int) -> dict:
         raise DataError(f"{path}: checkpoint file missing") from None
 
 
-def map_rank_states(n: int, old: dict[int, dict], world: int, step: int) -> dict:
-    """New rank n's shodh state: {"loader", "rng"}.
-
-    Data position: the loader's shard split and RNG keys are functions of (rank, world size). With
-    the world size unchanged (only ep_size changes), rank n keeps its loader state: the stream
-    continues exactly as uninterrupted. With another world size no old state describes a new
-    rank's stream: "loader" is None and the trainer starts fresh streams keyed by the seed plus the
-    resume step (not a replay of step 0). The step count and the global batch are kept, so the
-    samples consumed so far (step x global batch) are exact; the old ranks' unfinished shuffle
-    rounds (at most data.shuffle_buffer pairs per rank) are not continued.
+def map_rank_states(old: dict[int, dict], world: int, step: int) -> list[dict]:
+    """Every new rank's shodh state {"loader", "rng"}. The loader states map as
+    `shodh.data.loader.remap_states` states (kept on the same world size, else None: fresh streams).
     RNG: a rank that existed keeps its torch RNG state; a new rank gets a generator seeded by
-    (step, rank), distinct from every other rank's stream.
-    """
-    if world == len(old):
-        return {"loader": old[n]["loader"], "rng": old[n]["rng"]}
-    rng = old[n]["rng"] if n in old else {"torch": torch.Generator().manual_seed(1_000_003 * step + n).get_state()}
-    return {"loader": None, "rng": rng}
+    (step, rank), distinct from every other rank's stream."""
+    loaders = remap_states([old[n]["loader"] for n in sorted(old)], world)
+    return [{"loader": loaders[n],
+             "rng": old[n]["rng"] if n in old else
+             {"torch": torch.Generator().manual_seed(1_000_003 * step + n).get_state()}} for n in range(world)]
 
 
 def _fsync_dir(path: Path) -> None:
