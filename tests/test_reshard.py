@@ -102,8 +102,8 @@ def test_two_ranks_ep2_to_one_rank_and_to_two_ranks_ep1(resharded):
         assert sorted(got) == [3, 4]
         for step in (3, 4):
             assert got[step] == pytest.approx(ref[step], abs=1e-5), (name, step)
+    assert (t / "D" / "checkpoints" / "latest").read_text() == "step-000003-w2-ep2"  # --out: `latest` names it
     ckpt = t / "B" / "checkpoints"
-    assert (ckpt / "latest").read_text() == "step-000002-w1-ep1"
     files = {p.name for p in (ckpt / "step-000002-w1-ep1").iterdir()}
     assert "zero_pp_rank_0_mp_rank_00_optim_states.pt" in files and "zero_pp_rank_1_mp_rank_00_optim_states.pt" not in files
     assert {f"layer_1_expert_{e}_mp_rank_00_model_states.pt" for e in range(4)} <= files
