@@ -160,7 +160,8 @@ def cmd_reshard(args, cfg: RunConfig) -> int:
 
     dst, stats = reshard_run(args.run, args.world, args.ep_size, args.out, args.micro_batch, args.grad_accum,
                              args.keep_global_batch, cfg.train.trust_checkpoint)
-    print(f"converted checkpoint {dst} ({stats['seconds']:.1f} s, peak RSS {stats['peak_rss_mib']:.0f} MiB)")
+    print(f"converted checkpoint {dst} ({stats['seconds']:.2f} s, peak RSS {stats['peak_rss_mib']:.0f} MiB, "
+          f"{stats['rss_before_mib']:.0f} MiB before the conversion)")
     return 0
 
 

@@ -264,7 +264,7 @@ def convert(src: Path, dst: Path, target: Target, trust: bool = False) -> dict:
     {"seconds", "peak_rss_mib", "bytes"}."""
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    t0 = time.perf_counter()
+    t0, rss0 = time.perf_counter(), _rss_mib()
     if dst.exists():
         raise DataError(f"{dst}: already exists; remove it or choose another --out")
     saved = saved_batch(src)
@@ -280,10 +280,11 @@ def convert(src: Path, dst: Path, target: Target, trust: bool = False) -> dict:
     log.info("reshard %s: world %d ep %d -> world %d ep %d, reading %d optimizer partitions", src.name, old_world,
              old_ep, target.world_size, target.ep_size, old_world)
     files = {n: _load(src / zero_file(n))["optimizer_state_dict"] for n in range(old_world)}
-    first = files[0]
-    if any(any(p) for p in first["param_alignment_paddings"]):
+    if any(any(p) for p in files[0]["param_alignment_paddings"]):
         raise DataError(f"{src / zero_file(0)}: parameter-alignment padding is not supported by reshard")
-    groups = first["base_optimizer_state"]["param_groups"]
+    groups = files[0]["base_optimizer_state"]["param_groups"]
+    # What the new files keep from rank 0's besides the tensors (loss scaler, clipping, stage, version).
+    first = {k: v for k, v in files[0].items() if k not in ("base_optimizer_state", "single_partition_of_fp32_groups")}
     shapes_rank0 = model_states["param_shapes"]
     steps = _steps(files)
     experts = int((saved.get("model") or {}).get("num_experts", 1))
@@ -311,6 +312,7 @@ def convert(src: Path, dst: Path, target: Target, trust: bool = False) -> dict:
             shapes.update(local_shapes)
             group = _gather(files, g, _group_ranks(old_world, old_ep, None), list(local_shapes), shapes)
         merged.append(group)
+    del files  # the merged copy is all that is needed now: peak memory ~ 2 x (fp32 weights + 2 moments)
 
     for stale in dst.parent.glob(f".tmp-{dst.name}-*"):  # left by a conversion that was killed
         shutil.rmtree(stale, ignore_errors=True)
@@ -320,7 +322,7 @@ def convert(src: Path, dst: Path, target: Target, trust: bool = False) -> dict:
         new_shapes_rank0 = []
         for n in range(target.world_size):
             ep_rank = n % target.ep_size
-            sd = {k: v for k, v in first.items() if k not in ("base_optimizer_state", "param_slice_mappings")}
+            sd = {k: v for k, v in first.items() if k != "param_slice_mappings"}
             fp32_parts, paddings, counts, mappings, state, new_groups, align = [], [], [], [], {}, [], []
             for g, grp in enumerate(groups):
                 if templates[g] is None:
@@ -387,10 +389,11 @@ def convert(src: Path, dst: Path, target: Target, trust: bool = False) -> dict:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    stats = {"seconds": time.perf_counter() - t0, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    stats = {"seconds": time.perf_counter() - t0, "rss_before_mib": rss0,
+             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
              "bytes": sum(p.stat().st_size for p in dst.iterdir())}
-    log.info("reshard: %s written in %.1f s (%.0f MiB on disk, peak RSS %.0f MiB)", dst, stats["seconds"],
-             stats["bytes"] / 2**20, stats["peak_rss_mib"])
+    log.info("reshard: %s written in %.1f s (%.0f MiB on disk, peak RSS %.0f MiB, %.0f MiB before)", dst,
+             stats["seconds"], stats["bytes"] / 2**20, stats["peak_rss_mib"], rss0)
     return stats
 
 
@@ -416,6 +419,14 @@ def map_rank_states(old: dict[int, dict], world: int, step: int) -> list[dict]:
     return [{"loader": loaders[n],
              "rng": old[n]["rng"] if n in old else
              {"torch": torch.Generator().manual_seed(1_000_003 * step + n).get_state()}} for n in range(world)]
+
+
+def _rss_mib() -> float:
+    """This process's resident memory now (Linux /proc), for the conversion's cost report."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return float("nan")
 
 
 def _fsync_dir(path: Path) -> None:
