@@ -400,7 +400,8 @@ def test_pretrain_preempted_on_two_nodes_resumes_elastically_on_one(cluster, tmp
         subprocess.run(["scancel", "--signal=USR1", "--batch", str(job)], env=cluster, check=True, timeout=30)
         wait_until(lambda: job_info(cluster, job)["Restarts"] == "1" and job_info(cluster, job)["JobState"] == "PENDING",
                    300, "the job to requeue")
-        subprocess.run(["scontrol", "update", f"jobid={job}", "numnodes=1"], env=cluster, check=True, timeout=30)
+        subprocess.run(["scontrol", "update", f"jobid={job}", "numnodes=1", "numtasks=1"], env=cluster, check=True,
+                       timeout=30)
         info = wait_for(cluster, job, 600, log)
     finally:
         if drained:
