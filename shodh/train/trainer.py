@@ -132,7 +132,7 @@ class Trainer:
             found = (self._convert(found[0], elastic, info), found[1])
         weights_only = found is not None and train.resume == "weights"
         # The per-rank streams depend on the world size: a weights-only resume, or an elastic one onto
-        # another world size, starts fresh streams (reshard.map_rank_states states the guarantee).
+        # another world size, starts fresh streams (shodh.data.loader.remap_states states the guarantee).
         fresh_stream = weights_only or (elastic is not None and elastic.world_changed)
         start = found[1] if found else 0
         self.engine, self.model = build_engine(cfg.model, train, self.layout, ds_config, channels, cfg.seed,
