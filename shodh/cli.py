@@ -172,6 +172,16 @@ def cmd_study(args, cfg: RunConfig) -> int:
     return 0
 
 
+def cmd_reshard(args, cfg: RunConfig) -> int:
+    from shodh.train.reshard import reshard_run
+
+    dst, stats = reshard_run(args.run, args.world, args.ep_size, args.out, args.micro_batch, args.grad_accum,
+                             args.keep_global_batch, cfg.train.trust_checkpoint)
+    print(f"converted checkpoint {dst} ({stats['seconds']:.2f} s, peak RSS {stats['peak_rss_mib']:.0f} MiB, "
+          f"{stats['rss_before_mib']:.0f} MiB before the conversion)")
+    return 0
+
+
 def cmd_ui(args, cfg: RunConfig) -> int:
     from shodh.ui import run_ui
 
@@ -258,6 +268,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run only this seed of the arms, no report (one SLURM array task)")
     p.add_argument("--report-only", action="store_true", help="assemble the report from finished runs")
     p.set_defaults(func=cmd_study)
+
+    p = verbs.add_parser("reshard", help="convert a run's latest ZeRO-2/MoE checkpoint to another world size and ep_size")
+    _common(p)
+    p.add_argument("--run", required=True, type=Path, help="run directory (ROOT/runs/<experiment>/<name>)")
+    p.add_argument("--world", required=True, type=int, help="number of ranks of the new layout")
+    p.add_argument("--ep-size", required=True, type=int, help="expert-parallel size of the new layout")
+    p.add_argument("--out", type=Path, default=None,
+                   help="checkpoints directory to write into, `latest` naming the result (default: beside the source)")
+    p.add_argument("--micro-batch", type=int, default=None, help="micro batch of the new layout (default: the checkpoint's)")
+    batch = p.add_mutually_exclusive_group()
+    batch.add_argument("--grad-accum", type=int, default=None, help="accumulation of the new layout (default: the checkpoint's)")
+    batch.add_argument("--keep-global-batch", action="store_true",
+                       help="derive the accumulation that keeps micro x accumulation x world unchanged")
+    _trust_arg(p)
+    p.set_defaults(func=cmd_reshard)
 
     p = verbs.add_parser("ui", help="MLflow UI over the workspace's tracking store")
     _common(p)

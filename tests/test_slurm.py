@@ -373,6 +373,52 @@ def test_pretrain_usr1_checkpoints_requeues_and_resumes(cluster, pretrain_jobs):
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")][-1] == STEPS_PREEMPT
 
 
+def test_pretrain_preempted_on_two_nodes_resumes_elastically_on_one(cluster, tmp_path):
+    """SHODH_ELASTIC=1: the job runs on both nodes (ep_size 2) until USR1 checkpoints and requeues it;
+    node2 is drained meanwhile and the pending job is resized to one node, as an operator would. The
+    restart lowers ep_size to 1, converts the checkpoint (train.resume=elastic, global batch kept
+    by doubling the accumulation) and finishes the run, every step logged once."""
+    from latent_fixture import make_latents
+
+    root = tmp_path / "ws"
+    make_latents(root)
+    log = tmp_path / "elastic.out"
+    steps = 8
+    job = sbatch({**cluster, "SHODH_ELASTIC": "1"}, "--nodes=2", "--ntasks-per-node=1", f"--output={log}",
+                 str(REPO / "slurm" / "pretrain.sbatch"), "--profile", "smoke", "--root", str(root), "--run-name",
+                 "elastic", "model.ep_size=2", f"train.max_steps={steps}", "train.ckpt_every=1000",
+                 "tracking.mlflow=false", cwd=tmp_path)
+    run = root / "runs" / "shodh" / "elastic"
+    drained = False
+    try:
+        wait_until(lambda: any(m.get("step", 0) >= 2 for m in _metrics(run)) or
+                   job_info(cluster, job)["JobState"] in TERMINAL, 600, "the job to log step 2")
+        assert job_info(cluster, job)["NodeList"] == "node[1-2]", log.read_text()[-3000:]
+        subprocess.run(["scontrol", "update", "nodename=node2", "state=drain", "reason=elastic-test"], env=cluster,
+                       check=True, timeout=30)
+        drained = True
+        subprocess.run(["scancel", "--signal=USR1", "--batch", str(job)], env=cluster, check=True, timeout=30)
+        wait_until(lambda: job_info(cluster, job)["Restarts"] == "1" and job_info(cluster, job)["JobState"] == "PENDING",
+                   300, "the job to requeue")
+        subprocess.run(["scontrol", "update", f"jobid={job}", "numnodes=1", "numtasks=1"], env=cluster, check=True,
+                       timeout=30)
+        info = wait_for(cluster, job, 600, log)
+    finally:
+        if drained:
+            subprocess.run(["scontrol", "update", "nodename=node2", "state=resume"], env=cluster, timeout=30)
+    text = log.read_text()
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), text
+    assert info["NodeList"] == "node1" and "preempted: 2 of 2 ranks checkpointed" in text
+    assert "elastic: model.ep_size 2 -> 1 for world size 1" in text
+    resumed = [int(line.split("resumed elastically at step ")[1].split()[0])
+               for line in text.splitlines() if "resumed elastically at step " in line]
+    assert len(resumed) == 1 and 2 <= resumed[0] < steps, text
+    ckpt = run / "checkpoints"
+    assert (ckpt / f"step-{resumed[0]:06d}-w1-ep1" / "MANIFEST.json").is_file()
+    assert json.loads((ckpt / f"step-{steps:06d}" / "meta.json").read_text())["grad_accum"] == 2  # global batch kept
+    assert [m["step"] for m in _metrics(run) if "train/loss" in m] == list(range(1, steps + 1))
+
+
 # ---- the study as an array job: one task per arm x seed, then the report job -------------------
 
 def test_study_array_tasks_then_report_job(cluster, served_workspace, tmp_path):

@@ -28,6 +28,7 @@ Training stream (`LatentStream`), one per rank:
 - World size: the shard split and RNG keys depend on (rank, world_size), so `load_state_dict`
   refuses a state saved with a different world size (or seed, lanes, batch size, split,
   tokenizer, weights) with an error naming both values. The number of workers may change.
+  An elastic resume (shodh.train.reshard) maps the states with `remap_states`.
 
 Why not WebDataset's `ResampledShards` / `shuffle` / `RandomMix` / `split_by_worker`: their RNG
 and buffer state cannot be checkpointed (exact resume would mean replaying the whole stream
@@ -498,6 +499,21 @@ class LatentStream:
             raise DataError(f"loader state: lane_states must list lanes 0..{self.cfg.lanes - 1}")
         self._batches = int(state["batches"])
         self._lane_states = [dict(s, rounds=[list(r) for r in s["rounds"]]) for s in lane_states]
+
+
+def remap_states(states: list, world_size: int) -> list:
+    """Loader states for `world_size` ranks from the states of every old rank (elastic resume).
+
+    The guarantee: with the same world size (only the expert-parallel layout changed) every rank
+    keeps its state, so the data stream continues exactly as if uninterrupted. With another world
+    size no old state describes a new rank's stream (shard split and RNG keys are functions of
+    (rank, world_size)): every rank gets None and the trainer starts fresh streams keyed by
+    seed + resume step, never a replay of step 0. The samples consumed so far are exact (step x
+    the global batch, which the conversion keeps); the old ranks' unfinished shuffle rounds (at
+    most data.shuffle_buffer pairs per rank) are not continued, and which windows come next differs
+    from the uninterrupted run (the stream samples shards with replacement either way).
+    """
+    return list(states) if len(states) == world_size else [None] * world_size
 
 
 def split_samples(cfg: DataConfig, root: Path, tokenizer_id: str, split: str) -> Iterator[tuple[np.ndarray, dict]]:

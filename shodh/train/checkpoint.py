@@ -4,7 +4,9 @@ Layout of `RUN_DIR/checkpoints/`:
 - `step-000100/`: DeepSpeed's `save_checkpoint` output (model, per-expert and ZeRO optimizer
   files; its client state holds {step, config}), plus ours: `rank-00000.pt` per rank (loader
   state and RNG states; plain tensors and ints, loaded with `weights_only=True`) and `meta.json`
-  (step and parallel layout, read before DeepSpeed touches anything).
+  (step, parallel layout and batch sizes, read before DeepSpeed touches anything).
+- `step-000100-w1-ep1/`: the same checkpoint converted to another layout (world 1, ep_size 1) by
+  train.resume=elastic or `shodh reshard` (shodh.train.reshard); complete when it appears.
 - `latest`: the tag, rewritten atomically by rank 0 only after every rank finished writing,
   so a crash mid-save leaves the previous checkpoint as `latest`.
 - `MANIFEST.json` in each tag: sha256 and size of every file of the checkpoint, written by rank 0
@@ -145,7 +147,8 @@ def latest_tag(ckpt_dir: Path) -> str | None:
 
 def inspect(ckpt_dir: Path, layout: dict, mode: str, model: dict | None = None) -> tuple[str, int] | None:
     """(tag, step) of `latest`, or None. Checked before anything is built: mode "auto" restores
-    everything and needs the same layout; "weights" takes the model weights to any layout. Both
+    everything and needs the same layout; "weights" takes the model weights to any layout;
+    "elastic" restores everything into any layout (shodh.train.reshard checks and converts). All
     need the model config the checkpoint was trained with (`model`, the resolved model.* section;
     ep_size aside, which is layout)."""
     tag = latest_tag(ckpt_dir)
@@ -165,8 +168,9 @@ def inspect(ckpt_dir: Path, layout: dict, mode: str, model: dict | None = None) 
         raise ShodhError(
             f"{ckpt_dir / tag}: written with {saved}, this run has {layout}. DeepSpeed cannot restore "
             f"ZeRO optimizer state (nor our per-rank data streams) across world sizes or expert-parallel "
-            f"layouts. Rerun with the original layout, or with train.resume=weights to load only the model "
-            f"weights (experts are stored per global index, so any ep_size works) and restart the "
+            f"layouts by itself. Rerun with the original layout, with train.resume=elastic to convert the "
+            f"checkpoint to this layout (optimizer state kept), or with train.resume=weights to load only the "
+            f"model weights (experts are stored per global index, so any ep_size works) and restart the "
             f"optimizer moments and the data stream at step {meta['step']}."
         )
     return tag, int(meta["step"])

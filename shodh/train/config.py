@@ -26,7 +26,10 @@ class TrainConfig:
     val_batches: int = 0  # per rank per validation; 0 = the whole val split
     val_micro_batch: int = 8
     ckpt_every: int = 100  # also at the end
-    resume: Literal["auto", "weights"] = "auto"  # weights: model only, into any world/ep layout
+    # auto: everything, same world/ep layout; weights: model only, into any layout; elastic: everything,
+    # into any valid layout (shodh.train.reshard converts the checkpoint first when the layout differs)
+    resume: Literal["auto", "weights", "elastic"] = "auto"
+    keep_global_batch: bool = False  # elastic resume: derive grad_accum so micro x accum x world stays the same
     max_bad_steps: int = 5  # stop once this many of the last `bad_window` steps were non-finite (skipped)
     bad_window: int = 50  # steps over which skipped steps are counted (a streak of max_bad_steps counts too)
     trust_checkpoint: bool = False  # resume from / evaluate a checkpoint without shodh's sha256 manifest

@@ -51,7 +51,7 @@ from shodh.model.moe import RoutingTelemetry, no_token_dropping, router_inputs, 
 from shodh.model.params import count_params
 from shodh.model.transformer import forward_flops_per_token
 from shodh.tracking import Tracker
-from shodh.train import checkpoint, preempt
+from shodh.train import checkpoint, preempt, reshard
 from shodh.train.engine import build_engine, check_layout, load_ds_config
 from shodh.workspace import lock_file, resolve_tokenizer_id, run_dir
 
@@ -111,29 +111,39 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, root: Path, run_name: str | None, info: DistInfo,
                  callbacks: list[Callback] = ()):
-        self.cfg, self.root, self.callbacks = cfg, Path(root), list(callbacks)
-        train = cfg.train
-        self.layout = check_layout(cfg.model, train, info)
+        self.root, self.callbacks = Path(root), list(callbacks)
         self.run_dir = run_dir_for(cfg, self.root, run_name)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.layout_key = {"world_size": info.world_size, "ep_size": cfg.model.ep_size}
-        found = checkpoint.inspect(self.ckpt_dir, self.layout_key, train.resume, dataclasses.asdict(cfg.model))
+        found = checkpoint.inspect(self.ckpt_dir, self.layout_key, cfg.train.resume, dataclasses.asdict(cfg.model))
+        # Elastic resume onto another layout: checked (and grad_accum derived) before anything is built.
+        elastic = reshard.plan(self.ckpt_dir / found[0], cfg, info.world_size) if found and \
+            cfg.train.resume == "elastic" else None
+        if elastic is not None:
+            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_accum=elastic.grad_accum))
+        self.cfg = cfg
+        train = cfg.train
+        self.layout = check_layout(cfg.model, train, info)
         self.tokenizer_id = resolve_tokenizer_id(self.root, train.tokenizer_id)
         self.channels = channels = int(read_manifest(self.root, self.tokenizer_id, cfg.data.urls)["channels"])
         ds_config = load_ds_config(train, self.layout)
 
         self.device = choose_device("auto", info)
         self.info = init_process_group(info, self.device, always=True)
+        if elastic is not None:
+            found = (self._convert(found[0], elastic, info), found[1])
         weights_only = found is not None and train.resume == "weights"
+        # The per-rank streams depend on the world size: a weights-only resume, or an elastic one onto
+        # another world size, starts fresh streams (shodh.data.loader.remap_states states the guarantee).
+        fresh_stream = weights_only or (elastic is not None and elastic.world_changed)
         start = found[1] if found else 0
         self.engine, self.model = build_engine(cfg.model, train, self.layout, ds_config, channels, cfg.seed,
                                                lr_offset=start if weights_only else 0)
         self.dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32
-        # A weights-only resume cannot continue the old stream (its split depends on the world
-        # size): start a fresh one, seeded by the step so it does not replay the first batches.
+        # A fresh stream is seeded by the step so it does not replay the first batches.
         self.stream = LatentStream(cfg.data, self.root, self.tokenizer_id, "train", batch_size=train.micro_batch,
                                    rank=info.rank, world_size=info.world_size,
-                                   seed=cfg.seed + (start if weights_only else 0))
+                                   seed=cfg.seed + (start if fresh_stream else 0))
         self.step = 0
         if found:
             resumed = checkpoint.restore(self.engine, self.ckpt_dir, found[0], info.rank, train.resume,
@@ -141,7 +151,8 @@ class Trainer:
             self.step = resumed.step
             if resumed.loader_state is not None:
                 self.stream.load_state_dict(resumed.loader_state)
-            log.info("resumed %s at step %d from %s", "fully" if resumed.full else "weights only", self.step, found[0])
+            how = "elastically" if elastic is not None else "fully" if resumed.full else "weights only"
+            log.info("resumed %s at step %d from %s", how, self.step, found[0])
         self.last_good = checkpoint.latest_tag(self.ckpt_dir)
 
         self.resolved = dataclasses.asdict(cfg)
@@ -174,6 +185,22 @@ class Trainer:
         self.nonfinite_losses = 0  # steps whose mean loss was NaN/inf
         self.bad_in_row = 0
         self.recent_bad: collections.deque[bool] = collections.deque(maxlen=train.bad_window)
+
+    def _convert(self, tag: str, target: "reshard.Target", info: DistInfo) -> str:
+        """The tag of `tag` converted to this layout: rank 0 writes it unless a complete one exists;
+        its outcome is broadcast, so every rank fails with rank 0's error instead of waiting."""
+        new = reshard.converted_tag(tag, target.world_size, target.ep_size)
+        error = None
+        if info.is_main and not (self.ckpt_dir / new / checkpoint.MANIFEST).is_file():
+            try:
+                reshard.convert(self.ckpt_dir / tag, self.ckpt_dir / new, target, self.cfg.train.trust_checkpoint)
+            except ShodhError as exc:
+                error = str(exc)
+        outcome = [error]
+        dist.broadcast_object_list(outcome, src=0)
+        if outcome[0] is not None:
+            raise ShodhError(outcome[0])
+        return new
 
     @property
     def domains(self) -> list[str]:
@@ -314,7 +341,8 @@ class Trainer:
         if not checkpoint.state_is_finite(self.engine):
             log.warning("step %d: not checkpointed, parameters or optimizer moments are not finite", self.step)
             return None
-        return checkpoint.save(self.engine, self.ckpt_dir, self.step, self.info.rank, self.layout_key,
+        layout = dict(self.layout_key, micro_batch=self.layout.micro_batch, grad_accum=self.layout.grad_accum)
+        return checkpoint.save(self.engine, self.ckpt_dir, self.step, self.info.rank, layout,
                                self.stream.state_dict(), self.resolved)
 
     @torch.no_grad()
