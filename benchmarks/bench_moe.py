@@ -11,6 +11,7 @@ it to all configs alike within one interleaved round).
 - E16/E2: step time at E=16 over E=2 at fixed active parameters (expert width fixed)
 - MFU: 3 x forward matmul FLOPs per token x tokens/s over a dense matmul peak measured here
   (fp32 on CPU, bf16 on GPU)
+- E=16 ds-loop: E=16 with DeepSpeed's per-expert loop instead of shodh's grouped expert GEMM
 - breakdown (E=16, torch.profiler): forward time in the gate, dispatch (DeepSpeed's slot scatter),
   experts, combine, the rest of the model; backward as a whole; the optimizer step
 
@@ -28,6 +29,7 @@ import dataclasses
 import json
 import statistics
 import time
+import types
 
 import torch
 import torch.nn.functional as F
@@ -36,16 +38,24 @@ from deepspeed.moe.sharded_moe import MOELayer, TopKGate
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from shodh.model.config import ModelConfig
+from shodh.model.moe import GroupedExperts
 from shodh.model.params import count_params
 from shodh.model.transformer import LatentTransformer, forward_flops_per_token
 from shodh.train.trainer import measure_peak_flops
 
 CHANNELS = 8
+LOOP = " ds-loop"  # config-name suffix: the same config with DeepSpeed's per-expert loop
 
 
-def make(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, adamw: str):
+def make(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, adamw: str, expert_loop: bool = False):
+    """Model and optimizer; `expert_loop`: run DeepSpeed's own per-expert loop (Experts.forward) instead of
+    shodh's grouped GEMM, on the same parameters, for the A/B comparison."""
     torch.manual_seed(0)
     model = LatentTransformer(cfg, CHANNELS).to(device, dtype)
+    if expert_loop:
+        for module in model.modules():
+            if isinstance(module, GroupedExperts):
+                module.forward = types.MethodType(Experts.forward, module)
     flags = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}[adamw]
     return model, torch.optim.AdamW(model.parameters(), lr=1e-4, **flags)
 
@@ -71,7 +81,7 @@ def step_times(model, opt, z: torch.Tensor, device: torch.device) -> tuple[float
 
 def interleaved(configs: dict[str, ModelConfig], repeats: int, batch: int, device, dtype, adamw: str) -> dict:
     """Median forward+backward and optimizer seconds per config, runs interleaved; one warm-up step each."""
-    built = {name: make(cfg, device, dtype, adamw) for name, cfg in configs.items()}
+    built = {name: make(cfg, device, dtype, adamw, expert_loop=name.endswith(LOOP)) for name, cfg in configs.items()}
     z = torch.randn(batch, CHANNELS, 16, 16, 16, device=device, dtype=dtype)
     for model, opt in built.values():
         step_times(model, opt, z, device)
@@ -105,7 +115,8 @@ def breakdown(cfg: ModelConfig, batch: int, device, dtype, adamw: str) -> dict[s
 
     handles = []
     for module in model.modules():
-        name = {TopKGate: "moe/gate", Experts: "moe/experts", MOELayer: "moe/layer"}.get(type(module))
+        name = next((n for cls, n in ((TopKGate, "moe/gate"), (Experts, "moe/experts"), (MOELayer, "moe/layer"))
+                     if isinstance(module, cls)), None)
         if name:
             handles += [module.register_forward_pre_hook(enter(name)), module.register_forward_hook(leave)]
     step_times(model, opt, z, device)  # warm-up
@@ -151,7 +162,8 @@ def main() -> None:
         batch = max(1, tokens // base.tokens)
         S = batch * base.tokens
         configs = {"moe E=4": base, "dense_active": dense,
-                   **{f"E={e}": dataclasses.replace(base, num_experts=e) for e in (2, 16)}}
+                   **{f"E={e}": dataclasses.replace(base, num_experts=e) for e in (2, 16)},
+                   f"E=16{LOOP}": dataclasses.replace(base, num_experts=16)}
         t = interleaved(configs, args.repeats, batch, device, dtype, args.adamw)
         rows = []
         for name, cfg in configs.items():
@@ -167,6 +179,7 @@ def main() -> None:
             "moe_over_dense_active_fwd_bwd": t["moe E=4"]["fwd_bwd_s"] / t["dense_active"]["fwd_bwd_s"],
             "e16_over_e2": t["E=16"]["step_s"] / t["E=2"]["step_s"],
             "e16_over_e2_fwd_bwd": t["E=16"]["fwd_bwd_s"] / t["E=2"]["fwd_bwd_s"],
+            "e16_ds_loop_over_grouped": t[f"E=16{LOOP}"]["step_s"] / t["E=16"]["step_s"],
             "breakdown_ms_e16": breakdown(configs["E=16"], batch, device, dtype, args.adamw), "rows": rows})
     summary = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
@@ -181,6 +194,7 @@ def main() -> None:
                   f"{row['tokens_per_s']:>9.0f}{row['mfu']:>6.2f}{row['params_total']:>14,}")
         print(f"MoE/dense_active {r['moe_over_dense_active']:.3f} (fwd+bwd {r['moe_over_dense_active_fwd_bwd']:.3f}; "
               f"goal <= 1.05), E16/E2 {r['e16_over_e2']:.3f} (fwd+bwd {r['e16_over_e2_fwd_bwd']:.3f}; goal <= 1.10)")
+        print(f"E=16 with DeepSpeed's expert loop / grouped GEMM: {r['e16_ds_loop_over_grouped']:.3f}")
         print("E=16 breakdown ms: " + ", ".join(f"{k} {v:.1f}" for k, v in r["breakdown_ms_e16"].items()))
     print(f"peak {peak:.3g} FLOP/s measured ({summary['dtype']} matmul); AdamW {args.adamw}")
     print(json.dumps(summary))
