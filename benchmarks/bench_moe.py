@@ -141,6 +141,18 @@ def breakdown(cfg: ModelConfig, batch: int, device, dtype, adamw: str) -> dict[s
             "rest_of_forward": ms["forward"] - layer, "backward": ms["backward"], "optimizer": ms["optimizer"]}
 
 
+def report(r: dict, repeats: int) -> None:
+    print(f"\nS = {r['tokens_per_rank']} tokens per rank (batch {r['batch']}), medians of {repeats}")
+    print(f"{'config':<14}{'fwd+bwd ms':>11}{'opt ms':>8}{'step ms':>9}{'tok/s':>9}{'MFU':>6}{'params total':>14}")
+    for row in r["rows"]:
+        print(f"{row['config']:<14}{row['fwd_bwd_s']:>11.1f}{row['opt_s']:>8.1f}{row['step_s']:>9.1f}"
+              f"{row['tokens_per_s']:>9.0f}{row['mfu']:>6.2f}{row['params_total']:>14,}")
+    print(f"MoE/dense_active {r['moe_over_dense_active']:.3f} (fwd+bwd {r['moe_over_dense_active_fwd_bwd']:.3f}; "
+          f"goal <= 1.05), E16/E2 {r['e16_over_e2']:.3f} (fwd+bwd {r['e16_over_e2_fwd_bwd']:.3f}; goal <= 1.10)")
+    print(f"E=16 with DeepSpeed's expert loop / grouped GEMM: {r['e16_ds_loop_over_grouped']:.3f}")
+    print("E=16 breakdown ms: " + ", ".join(f"{k} {v:.1f}" for k, v in r["breakdown_ms_e16"].items()), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", default="512,2048,8192", help="tokens per rank per step, comma-separated")
@@ -181,21 +193,12 @@ def main() -> None:
             "e16_over_e2_fwd_bwd": t["E=16"]["fwd_bwd_s"] / t["E=2"]["fwd_bwd_s"],
             "e16_ds_loop_over_grouped": t[f"E=16{LOOP}"]["step_s"] / t["E=16"]["step_s"],
             "breakdown_ms_e16": breakdown(configs["E=16"], batch, device, dtype, args.adamw), "rows": rows})
+        report(results[-1], args.repeats)  # as each size finishes: S = 8192 takes minutes on a CPU
     summary = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
         "dtype": str(dtype).removeprefix("torch."), "adamw": args.adamw, "dim": args.dim, "depth": args.depth,
         "peak_flops_measured": peak, "repeats": args.repeats, "sizes": results,
     }
-    for r in results:
-        print(f"\nS = {r['tokens_per_rank']} tokens per rank (batch {r['batch']}), medians of {args.repeats}")
-        print(f"{'config':<14}{'fwd+bwd ms':>11}{'opt ms':>8}{'step ms':>9}{'tok/s':>9}{'MFU':>6}{'params total':>14}")
-        for row in r["rows"]:
-            print(f"{row['config']:<14}{row['fwd_bwd_s']:>11.1f}{row['opt_s']:>8.1f}{row['step_s']:>9.1f}"
-                  f"{row['tokens_per_s']:>9.0f}{row['mfu']:>6.2f}{row['params_total']:>14,}")
-        print(f"MoE/dense_active {r['moe_over_dense_active']:.3f} (fwd+bwd {r['moe_over_dense_active_fwd_bwd']:.3f}; "
-              f"goal <= 1.05), E16/E2 {r['e16_over_e2']:.3f} (fwd+bwd {r['e16_over_e2_fwd_bwd']:.3f}; goal <= 1.10)")
-        print(f"E=16 with DeepSpeed's expert loop / grouped GEMM: {r['e16_ds_loop_over_grouped']:.3f}")
-        print("E=16 breakdown ms: " + ", ".join(f"{k} {v:.1f}" for k, v in r["breakdown_ms_e16"].items()))
     print(f"peak {peak:.3g} FLOP/s measured ({summary['dtype']} matmul); AdamW {args.adamw}")
     print(json.dumps(summary))
     if args.out:
