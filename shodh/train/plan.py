@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from shodh.config import RunConfig
 from shodh.distributed import DistInfo
 from shodh.errors import ConfigError
-from shodh.train.engine import check_layout, load_ds_config
+from shodh.train.engine import check_layout, load_ds_config, param_groups
 
 GIB = 2**30
 FP32 = 4
@@ -90,7 +90,6 @@ def _model_groups(cfg: RunConfig, channels: int) -> list[tuple[str, bool, int]]:
     from deepspeed.moe.utils import is_moe_param
 
     from shodh.model.transformer import LatentTransformer
-    from shodh.train.engine import param_groups
 
     with torch.device("meta"):  # shapes only: no memory, no initialization cost
         model = LatentTransformer(cfg.model, channels)
