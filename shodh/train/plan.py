@@ -116,7 +116,8 @@ def activation_bytes(cfg: RunConfig, channels: int, micro_batch: int, dtype_byte
     GELU output (9 D + 2 F, plus M float32 log-sum-exps); an MoE block keeps the same attention and norm
     tensors, the gate's softmax (E float32), the shared expert (2 H), the residual-MoE mix (2 D + 2) and,
     per expert slot (E x capacity of them, padding included), the dispatched input, both expert hidden
-    tensors and the output to combine (2 D + 2 H)."""
+    tensors and the output to combine (2 D + 2 H), and the local experts' weights stacked for the grouped
+    GEMM (2 x E/ep_size x D x H)."""
     m = cfg.model
     G = micro_batch * m.tokens
     D, H, E, M = m.dim, m.expert_dim, m.num_experts, m.heads
@@ -130,7 +131,9 @@ def activation_bytes(cfg: RunConfig, channels: int, micro_batch: int, dtype_byte
             mix = 2 * D + 2 if m.shared_expert else 0
             per_token = (attention + 2 * D + shared + mix) * dtype_bytes + E * FP32
             slots = E * _capacity(cfg, G) * (2 * D + 2 * H) * dtype_bytes
-            blocks.append(G * per_token + slots)
+            # GroupedExperts stacks the local experts' fc1 and fc2 weights for its batched GEMMs; backward keeps them.
+            stacked = 2 * (E // m.ep_size) * D * H * dtype_bytes
+            blocks.append(G * per_token + slots + stacked)
         else:
             blocks.append(G * ((attention + 2 * D + 2 * m.dense_ffn_dim()) * dtype_bytes + M * FP32))
     if checkpointed:
