@@ -29,7 +29,7 @@ from shodh.train.plan import Hardware, make_plan
 from shodh.train.trainer import measure_peak_flops
 from shodh.model.transformer import forward_flops_per_token
 
-info = DistInfo(rank=0, world_size=1, master_port=29611)
+info = DistInfo(rank=0, world_size=1)
 init_process_group(info, torch.device("cuda", 0), always=True)
 peak = measure_peak_flops(torch.device("cuda"), torch.bfloat16)
 results = []
