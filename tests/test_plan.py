@@ -113,7 +113,8 @@ def test_paper_plan_on_4x8_fits_and_states_its_terms(capsys):
 @pytest.mark.parametrize("overrides,term,knob", [
     (["train.micro_batch=512"], "activations", "model.activation_checkpointing=true"),
     (["train.micro_batch=4096", "model.activation_checkpointing=true"], "activations", "train.micro_batch"),
-    (["model.ep_size=1", "model.num_experts=256", "model.expert_dim=16384"], "parameters", "model.ep_size"),
+    (["model.ep_size=1", "model.num_experts=256", "model.expert_dim=16384", "train.micro_batch=1",
+      "model.activation_checkpointing=true"], "parameters", "model.ep_size"),
 ])
 def test_layout_that_does_not_fit_is_refused_naming_term_and_knob(capsys, overrides, term, knob):
     assert main(["plan", "--profile", "paper", "--nodes", "1", "--gpus-per-node", "8", *overrides]) == 2
