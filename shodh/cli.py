@@ -98,6 +98,18 @@ def cmd_pretrain(args, cfg: RunConfig) -> int:
     return 0
 
 
+def cmd_plan(args, cfg: RunConfig) -> int:
+    from shodh.train.plan import Hardware, check_fits, make_plan, render
+
+    given = {"memory_gib": args.device_memory_gib, "peak_flops": args.peak_flops or cfg.train.peak_flops or None,
+             "efficiency": args.efficiency, "bandwidth": args.bandwidth, "loader_rate": args.loader_rate}
+    hw = Hardware(gpu=args.device == "gpu", **{k: v for k, v in given.items() if v is not None})
+    plan = make_plan(cfg, args.nodes, args.gpus_per_node, hw)
+    print(render(plan, cfg, hw))
+    check_fits(plan, hw, cfg)
+    return 0
+
+
 def cmd_train_tokenizer(args, cfg: RunConfig) -> int:
     from shodh.distributed import dist_info
     from shodh.tokenizer.train import train
@@ -235,6 +247,22 @@ def build_parser() -> argparse.ArgumentParser:
     _trust_arg(p)
     _launcher_args(p)
     p.set_defaults(func=cmd_pretrain)
+
+    p = verbs.add_parser("plan", help="per-rank memory, FLOPs, all-to-all and loader needs of a pretraining layout; "
+                                      "exits 2 when it does not fit")
+    _common(p)
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8, help="ranks per node, one per device (default: 8)")
+    p.add_argument("--device", choices=("gpu", "cpu"), default="gpu", help="gpu: bf16, cpu: fp32 (default: gpu)")
+    # Defaults (None) come from shodh.train.plan.Hardware, not imported here: it pulls in torch.
+    p.add_argument("--device-memory-gib", type=float, default=None, help="usable memory per device (default: 80)")
+    p.add_argument("--peak-flops", type=float, default=None,
+                   help="dense matmul FLOP/s per device (default: train.peak_flops, else 989e12, H100 bf16)")
+    p.add_argument("--efficiency", type=float, default=None, help="assumed fraction of peak reached (default: 0.4)")
+    p.add_argument("--bandwidth", type=float, default=None, help="bytes/s per rank between ranks (default: 50e9)")
+    p.add_argument("--loader-rate", type=float, default=None,
+                   help="samples/s one loader worker delivers (benchmarks/bench_loader.py); plans data.workers")
+    p.set_defaults(func=cmd_plan)
 
     p = verbs.add_parser("train-tokenizer",
                          help="train the divergence-free tokenizer (also: deepspeed --module shodh.train_tokenizer)")

@@ -257,6 +257,7 @@ shodh_submit_self() {
   if [[ $ntasks =~ ^[0-9]+$ ]] && ((ntasks % ep_size != 0)); then
     shodh_die "model.ep_size=$ep_size does not divide the world size $ntasks (${nodes:-?} nodes x ${tpn:-?} tasks per node); change --nodes/--ntasks-per-node or model.ep_size"
   fi
+  if declare -F shodh_stage_precheck >/dev/null; then shodh_stage_precheck "${nodes:-1}" "${tpn:-1}" || exit 2; fi
   local out
   out=$(sbatch --test-only "${SHODH_SBATCH_OPTS[@]}" "$script" "${SHODH_STAGE_ARGS[@]}" 2>&1) \
     || shodh_die "slurm refuses this request: ${out##*error: }"
@@ -289,5 +290,8 @@ shodh_main_distributed() {
   local ep_size
   ep_size=$(shodh_check_config) || exit 2
   shodh_setup_layout "$ep_size"
+  if declare -F shodh_stage_precheck >/dev/null; then
+    shodh_stage_precheck "${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}" "$((SHODH_WORLD / ${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}))" || exit 2
+  fi
   shodh_run_tasks "$SHODH_PYTHON" -m "$module" "${SHODH_STAGE_ARGS[@]}"
 }

@@ -83,8 +83,8 @@ while step < max_steps:
     total = 0.0
     for a in range(accum):
         first = (info.rank * accum + a) * MICRO
-        pred, aux = engine(z_in[first:first + MICRO])
-        loss = F.mse_loss(pred, z_out[first:first + MICRO]) + mcfg.aux_loss_coef * aux
+        pred, router_loss = engine(z_in[first:first + MICRO])
+        loss = F.mse_loss(pred, z_out[first:first + MICRO]) + router_loss.weighted(mcfg)
         engine.backward(loss)
         engine.step()
         total += loss.item() / accum

@@ -19,6 +19,7 @@ import einops
 import torch
 import torch.nn.functional as F
 from deepspeed.comm import pg_utils
+from deepspeed.moe.experts import Experts
 from deepspeed.moe.layer import MoE
 from deepspeed.moe.sharded_moe import TopKGate, gumbel_rsample, multiplicative_jitter, top1gating
 from torch import nn
@@ -206,6 +207,33 @@ def routers(model: nn.Module) -> list[nn.Module]:
     return [m.gate for m in model.modules() if isinstance(m, MoEFFN)]
 
 
+class GroupedExperts(Experts):
+    """DeepSpeed's `Experts` with its Python loop over experts (a chunk, two GEMMs and a cat per expert)
+    replaced by one batched GEMM per projection: DeepSpeed gives every expert the same capacity, so the
+    dispatched tokens are a dense [ep, E_local, capacity, D] block and torch.bmm is a grouped GEMM over
+    the local experts. The parameters stay DeepSpeed's (`deepspeed_experts.<i>.fc1/fc2`), so expert
+    checkpoints, optimizer groups and the expert-parallel all-to-all are untouched; the weights are
+    stacked per call (autograd hands each expert its own gradient).
+
+    Shapes: E local experts, N = ep_size x capacity slots of one expert, D model width, F expert width."""
+
+    def __init__(self, experts: Experts):
+        nn.Module.__init__(self)
+        self.deepspeed_experts, self.num_local_experts = experts.deepspeed_experts, experts.num_local_experts
+        for expert in self.deepspeed_experts:
+            assert isinstance(expert, MLP) and expert.fc1.bias is None and expert.fc2.bias is None, \
+                "GroupedExperts computes MLP (bias-free fc1, GELU, fc2) experts only"
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        ep = inputs.shape[0]
+        x_END = einops.rearrange(inputs, "g e c d -> e (g c) d")
+        w1_EFD = torch.stack([expert.fc1.weight for expert in self.deepspeed_experts])
+        w2_EDF = torch.stack([expert.fc2.weight for expert in self.deepspeed_experts])
+        h_ENF = F.gelu(torch.bmm(x_END, w1_EFD.transpose(1, 2)))
+        y_END = torch.bmm(h_ENF, w2_EDF.transpose(1, 2))
+        return einops.rearrange(y_END, "e (g c) d -> g e c d", g=ep)
+
+
 # --- Fixed routers (study controls, model.router.kind = hash | oracle) --------------------------
 ROUTE_LOGIT = 30.0  # logit of the chosen expert (others 0): gate probability 1 - (E-1)e^-30, i.e. 1
 
@@ -291,6 +319,7 @@ class MoEFFN(nn.Module):
         for i, expert in enumerate(self.moe.deepspeed_moe.experts.deepspeed_experts):
             gen = torch.Generator().manual_seed(seed * 1_000_003 + layer * 1_009 + expert_offset + i)
             init_mlp(expert, std, out_std, gen)
+        self.moe.deepspeed_moe.experts = GroupedExperts(self.moe.deepspeed_moe.experts)
         ds_gate = self.moe.deepspeed_moe.gate
         if router.kind == "learned":
             self.moe.deepspeed_moe.gate = Router(ds_gate, router.balance, router.bias_rate, router.scope, tokens)

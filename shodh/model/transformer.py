@@ -19,6 +19,7 @@ import math
 import einops
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from shodh.errors import ShodhError
@@ -115,7 +116,13 @@ class LatentTransformer(nn.Module):
         x_BND = self.embed(patches_BNP) + self.position_ND()
         router_loss = no_router_loss(z_BCXYZ)
         for block in self.blocks:
-            x_BND, block_loss = block(x_BND, domain_B)
+            if self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled():
+                # Non-reentrant checkpointing restores the RNG state for the recompute, so Random Token
+                # Selection drops the same tokens twice and the gradients equal the stored-activation ones;
+                # the recompute repeats the block's all-to-alls on every expert-parallel rank alike.
+                x_BND, block_loss = torch.utils.checkpoint.checkpoint(block, x_BND, domain_B, use_reentrant=False)
+            else:
+                x_BND, block_loss = block(x_BND, domain_B)
             if block_loss is not None:
                 router_loss = router_loss + block_loss
         delta_BNP = self.head(self.norm(x_BND))
