@@ -5,8 +5,8 @@ ONE fixed global batch of 4 samples, split in two micro batches of 2. With 2 ran
 With 1 process: the reference, plain PyTorch autograd on the same model and seed, averaging the two
 micro batches' losses (what data parallelism computes). Writes the mean loss and every parameter's
 full gradient (expert names carry the global expert index) to OUT/rank-<r>.pt.
-With VARIANTS (2 ranks only; comma-separated model.router variants from VARIANTS below), one engine per
-variant in turn, written to OUT/rank-<r>-<variant>.pt with the routers' biases after one bias update.
+With VARIANTS (2 ranks only; comma-separated model.router variants from VARIANTS below), then one engine
+per variant in turn, written to OUT/rank-<r>-<variant>.pt with the routers' biases after one bias update.
 Usage: grad_probe.py EP_SIZE OUT_DIR [VARIANTS]
 """
 
@@ -97,7 +97,6 @@ def probe(cfg: ModelConfig) -> dict:
 
 
 out.mkdir(parents=True, exist_ok=True)
-if not variants:
-    torch.save(probe(mcfg), out / f"rank-{info.rank}.pt")
+torch.save(probe(mcfg), out / f"rank-{info.rank}.pt")
 for variant in variants:
     torch.save(probe(dataclasses.replace(mcfg, router=VARIANTS[variant])), out / f"rank-{info.rank}-{variant}.pt")

@@ -227,6 +227,9 @@ def test_study_md_and_json_agree(study):
             assert (nt, lo, hi) == pytest.approx((e["nt"], e["lo"], e["hi"]), abs=5e-4)
     assert result["commands"]["study"] in md and "--report-only" in md
     assert "do and do not show" in md and "one seed" in md
+    frames = md.split("## Clustered vs frame-level intervals")[1].split("##")[0]
+    e = result["negative_transfer"]["vrmse"]["moe_mixed"]["channel"]
+    assert f"[{e['frame_lo']:+.3f}, {e['frame_hi']:+.3f}]" in frames and f"[{e['lo']:+.3f}, {e['hi']:+.3f}]" in frames
     for png in ("nt.png", "conflict.png", "routing.png"):
         assert (root / "runs" / "shodh" / NAME / "plots" / png).read_bytes().startswith(b"\x89PNG")
 

@@ -241,8 +241,9 @@ def markdown(study: dict) -> str:
         f"arm of its family. Paired clustered bootstrap ({study['bootstrap']} replicates: seeds, then test "
         f"trajectories, then frames within each drawn trajectory).", "",
         nt_table(study, "vrmse"), "",
+        "## Clustered vs frame-level intervals, decoded VRMSE", "",
         "The same intervals with frames resampled as if independent (the earlier default), for comparison: "
-        "frames of one trajectory are correlated, so these are narrower than the data supports.", "",
+        "frames of one trajectory are correlated, so those are narrower than the data supports.", "",
         _frame_table(study), "",
         "## Negative transfer, latent MSE", "", nt_table(study, "latent_mse"), "",
         "## Errors (mean over seeds and test samples)", "", _error_table(study), "",
