@@ -88,6 +88,7 @@ FAST_FILES = {"test_config.py", "test_distributed.py", "test_eval_metrics.py", "
 FAST_EXCLUDED = {"test_channel_profile_and_mean_momentum_balance",  # ~8 s
                  "test_porous_darcy_linearity_and_solid_leak"}  # ~13 s
 FAST_TESTS = {
+    "test_reshard.py": {"test_a_resume_that_extends_max_steps_runs_on_the_new_schedule"},
     "test_tokenizer.py": {"test_curl_of_random_potential_is_divergence_free",
                           "test_operators_match_analytic_derivatives",
                           "test_decoder_output_for_random_latents_is_divergence_free",

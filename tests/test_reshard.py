@@ -227,3 +227,29 @@ def test_loader_states_map_to_the_new_world(root):
             assert torch.equal(batch["z_in"], want["z_in"]) and torch.equal(batch["domain"], want["domain"])
     assert remap_states([s.state_dict() for s in streams], 1) == [None]
     assert remap_states([s.state_dict() for s in streams], 4) == [None] * 4
+
+
+def test_a_resume_that_extends_max_steps_runs_on_the_new_schedule():
+    """The optimizer and scheduler states of a run trained 3 of max_steps=3, loaded into this launch's
+    (max_steps=6) optimizer and LambdaLR as DeepSpeed's load_checkpoint does: resync_lr gives the new
+    schedule's lr at step 3, not the old schedule's end-of-run value."""
+    from shodh.schedule import lr_factor
+    from shodh.train.checkpoint import resync_lr
+
+    def build(total: int):
+        param = torch.nn.Parameter(torch.zeros(2))
+        opt = torch.optim.AdamW([param], lr=1e-3)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(i, 1, total, 0.1))
+
+    old_opt, old_sched = build(3)
+    for _ in range(3):
+        old_opt.step()
+        old_sched.step()
+    opt, sched = build(6)
+    opt.load_state_dict(old_opt.state_dict())
+    sched.load_state_dict(old_sched.state_dict())
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * lr_factor(3, 1, 3, 0.1))  # the stale value
+    resync_lr(opt, sched)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * lr_factor(3, 1, 6, 0.1))
+    assert lr_factor(3, 1, 6, 0.1) != pytest.approx(lr_factor(3, 1, 3, 0.1))
+    assert sched.get_last_lr() == [opt.param_groups[0]["lr"]]

@@ -187,7 +187,20 @@ def restore(engine, ckpt_dir: Path, tag: str, rank: int, mode: str, trust: bool 
         raise ShodhError(f"{ckpt_dir / tag}: DeepSpeed could not load this checkpoint")
     mine = torch.load(ckpt_dir / tag / f"rank-{rank:05d}.pt", weights_only=True)
     set_rng_state(mine["rng"])
+    resync_lr(engine.optimizer, engine.lr_scheduler)
     return Resumed(step=int(client["step"]), loader_state=mine["loader"], full=True)
+
+
+def resync_lr(optimizer, scheduler) -> None:
+    """After a full resume, the learning rate of this launch's schedule at the restored step.
+    DeepSpeed restores the scheduler's step count and the optimizer's lr as the old launch left
+    it, but a LambdaLR's lambda is this launch's (e.g. a longer train.max_steps): without this, the
+    first resumed step would run at the old schedule's lr."""
+    if scheduler is None:
+        return
+    for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+        group["lr"] = base * fn(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports
 
 
 def checkpoint_tags(ckpt_dir: Path) -> list[str]:
