@@ -47,6 +47,17 @@ def wait_healthy(url: str, proc: subprocess.Popen, log: Path) -> None:
     raise RuntimeError(f"MLflow server not healthy after {SERVER_START_S} s:\n{log.read_text()[-3000:]}")
 
 
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    """A tiny synthetic latent workspace (tests/latent_fixture.py), one per test module that asks for it
+    (a module may define its own `root` with other shard counts, as test_loader.py does)."""
+    from latent_fixture import make_latents
+
+    root = tmp_path_factory.mktemp("work")
+    make_latents(root)
+    return root
+
+
 @pytest.fixture(scope="session")
 def served_workspace(tmp_path_factory):
     """(root, {"moe": run_dir, "dense": run_dir}, server url), built once per session."""

@@ -63,13 +63,6 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {m["step"]: m["train/loss"] for m in metrics(run_dir) if "train/loss" in m}
 
 
-@pytest.fixture(scope="module")
-def root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("work")
-    make_latents(root)
-    return root
-
-
 def test_two_ranks_expert_parallel_zero2_then_weights_only_resume(root):
     proc = pretrain(root, 2, "--run-name", "ep2", "model.ep_size=2")
     run = root / "runs" / "shodh" / "ep2"

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from latent_fixture import make_latents
 from shodh.errors import ConfigError
 from shodh.io import sha256_file
 from shodh.train import checkpoint, reshard
@@ -163,13 +162,6 @@ def test_interrupted_conversion_leaves_nothing_to_resume(resharded, monkeypatch)
     assert sorted(p.name for p in ckpt.iterdir()) == sorted([*before, dst.name])
     assert checkpoint.checkpoint_tags(ckpt) == ["step-000002", "step-000002-w2-ep1"]
     shutil.rmtree(dst)
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("work")
-    make_latents(root)
-    return root
 
 
 def test_elastic_resume_in_pretraining(root):
