@@ -1,153 +1,154 @@
-"""Latent loader throughput vs. the consumption rate of a training step.
+"""Latent loader throughput per worker against the rate a GPU consumes at the paper profile.
 
-Builds synthetic latent shards of the contract form (C=8, 16^3, windows of T=8 frames) in a
-temporary workspace, then measures:
-- decode cost: reading + decoding (`allow_pickle=False`) + normalizing one window, per sample
-  and per (z_t, z_{t+1}) pair;
-- `LatentStream` throughput in samples/s (one sample = one pair) with 0, 1 and 2 workers;
-- consumption: samples/s of a forward/backward/AdamW step of a STAND-IN model (the MoE latent
-  transformer is not there yet): einops patchify 2^3 -> 512 tokens, linear embed to 128 dims,
-  a 4-layer torch nn.TransformerEncoder (4 heads, FFN 512), unembed, MSE to z_{t+1}; batch 8;
-- the ratio loader / consumption (goal >= 20x), and the training step fed by the loader
-  (workers as in the demo profile) against the same step on a fixed tensor, i.e. the stall.
+Builds synthetic latent shards of the contract form at the paper profile's shapes (C = 8 latent
+channels, 16^3, windows of T = 4 frames, i.e. 3 pairs per window) in a temporary workspace, once
+with float32 and once with float16 `z.npy` (`tokenizer.latent_dtype`), and measures for each:
+- decode cost per sample (one sample = one (z_t, z_{t+1}) pair, the unit a training step consumes):
+  reading the tar, sha256 of every byte, `np.load(allow_pickle=False)`, the meta and finiteness
+  checks and normalization, in this process;
+- `LatentStream` samples/s at the paper micro-batch (16) with 0 workers (in-process) and 1, 2, ...
+  DataLoader workers: the per-worker rate and how it scales (each worker on its own core: on a
+  machine with fewer free cores than workers the scaling figure is capped by the machine, not the
+  loader).
+Then compares the per-worker rate with the samples/s per GPU that `shodh plan` estimates for the
+paper profile (one H200; 4 nodes x 8 GPUs), and prints how many workers each needs and the margin
+at the workers a 16-core node can spare. The rates are MEASURED on this CPU; what a GPU node's
+cores deliver is extrapolated from them (stated as such in the output).
 
-    .venv/bin/python benchmarks/bench_loader.py [--batches 60] [--steps 12]
+    .venv/bin/python benchmarks/bench_loader.py [--batches 40] [--workers 0,1,2] [--threads 1] [--out FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from einops import rearrange
-from torch import nn
 
+from shodh.config import load_config
 from shodh.data.loader import DataConfig, LatentStream, _Shard, _source, latent_dir, read_manifest
 from shodh.io import AtomicShardWriter, write_json_atomic
+from shodh.train.plan import Hardware, make_plan
 
-TOK, C, T, GRID, PATCH = "bench-tok", 8, 8, 16, 2
+TOK, C, T, GRID, BATCH = "bench-tok", 8, 4, 16, 16
 DOMAINS = ["channel", "porous"]
+SHARDS_PER_DOMAIN, WINDOWS_PER_SHARD = 4, 10  # 30 pairs per shard, 240 pairs in all
+# The GPU node the paper layout runs on: 16 CPU cores; one core per training process.
+NODE_CORES = 16
 
 
-def build(root: Path, shards_per_domain: int, windows_per_shard: int) -> None:
+def build(root: Path, dtype: str) -> None:
+    """Synthetic latent shards and manifest of the contract form (what `shodh encode` writes)."""
     rng = np.random.default_rng(0)
     base, shards = latent_dir(root, TOK), []
     for d, domain in enumerate(DOMAINS):
-        for s in range(shards_per_domain):
-            traj = d * shards_per_domain + s
+        for s in range(SHARDS_PER_DOMAIN):
+            traj = d * SHARDS_PER_DOMAIN + s
             rel = f"train/{domain}-{traj:06d}.tar"
             with AtomicShardWriter(base / rel) as w:
-                for i in range(windows_per_shard):
+                for i in range(WINDOWS_PER_SHARD):
                     t0 = i * (T - 1)
-                    z = rng.standard_normal((T, C, GRID, GRID, GRID), dtype=np.float32)
-                    meta = {"domain": domain, "trajectory": traj, "t0": t0, "dt": 0.1, "tokenizer_id": TOK, "split": "train"}
+                    z = (3.0 * rng.standard_normal((T, C, GRID, GRID, GRID), dtype=np.float32) + 1.0).astype(dtype)
+                    meta = {"domain": domain, "trajectory": traj, "t0": t0, "dt": 0.1, "tokenizer_id": TOK,
+                            "split": "train"}
                     w.write(f"{domain}_{traj:05d}_{t0:05d}", {"z.npy": z, "meta.json": meta})
             shards.append({"path": rel, "split": "train", "domain": domain, "trajectory": traj,
                            "samples": w.count, "sha256": w.sha256})
-    write_json_atomic(base / "manifest.json", {"tokenizer_id": TOK, "channels": C, "window": T, "domains": DOMAINS,
-                                               "shards": shards, "counts": {}, "stats": {"mean": [0.0] * C, "std": [1.0] * C}})
+    write_json_atomic(base / "manifest.json", {
+        "tokenizer_id": TOK, "channels": C, "window": T, "dtype": dtype, "domains": DOMAINS, "shards": shards,
+        "counts": {}, "stats": {"mean": [1.0] * C, "std": [3.0] * C}})
 
 
-class StandIn(nn.Module):
-    """Comparable small latent transformer: 512 tokens x 128 dims (NOT the project's model)."""
-
-    def __init__(self, dim: int = 128, layers: int = 4):
-        super().__init__()
-        self.embed = nn.Linear(C * PATCH**3, dim)
-        layer = nn.TransformerEncoderLayer(dim, 4, 4 * dim, dropout=0.0, batch_first=True, norm_first=True)
-        self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.unembed = nn.Linear(dim, C * PATCH**3)
-
-    def forward(self, z_BCXYZ: torch.Tensor) -> torch.Tensor:
-        pattern = "b c (x p) (y q) (z r) -> b (x y z) (p q r c)"
-        x_BTP = rearrange(z_BCXYZ, pattern, p=PATCH, q=PATCH, r=PATCH)
-        y_BTP = self.unembed(self.blocks(self.embed(x_BTP)))
-        g = GRID // PATCH
-        return z_BCXYZ + rearrange(y_BTP, "b (x y z) (p q r c) -> b c (x p) (y q) (z r)",
-                                   x=g, y=g, z=g, p=PATCH, q=PATCH, r=PATCH)
+def decode_ms_per_sample(root: Path, cfg: DataConfig, repeats: int = 3) -> float:
+    """Median over repeats of (read + hash + decode + check + normalize every shard) / pairs."""
+    manifest = read_manifest(root, TOK)
+    source = _source(manifest, cfg, TOK)
+    shards = [_Shard(f"{latent_dir(root, TOK)}/{s['path']}", s["domain"], s["samples"], s["split"], s["trajectory"],
+                     s["sha256"]) for s in manifest["shards"]]
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        pairs = sum(z.shape[0] - 1 for s in shards for z in source.read(s)[0])
+        times.append((time.perf_counter() - t) / pairs)
+    return 1e3 * statistics.median(times)
 
 
-def train_steps(model, opt, batches) -> float:
+def stream_rate(root: Path, cfg: DataConfig, workers: int, batches: int) -> tuple[float, float]:
+    """(seconds to the first batch, samples/s over the next `batches` batches) of one LatentStream."""
+    lanes = max(cfg.lanes, workers)
+    stream = LatentStream(dataclasses.replace(cfg, workers=workers, lanes=lanes), root, TOK, "train", BATCH, 0, 1,
+                          seed=0)
+    it = iter(stream)
     t = time.perf_counter()
-    for batch in batches:
-        loss = nn.functional.mse_loss(model(batch["z_in"]), batch["z_out"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return time.perf_counter() - t
+    next(it)
+    first = time.perf_counter() - t
+    t = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    rate = batches * BATCH / (time.perf_counter() - t)
+    it.close()
+    return first, rate
+
+
+def paper_rates() -> dict[str, float]:
+    """samples/s per GPU `shodh plan` estimates for the paper profile (its default hardware assumptions)."""
+    cfg = load_config("paper")
+    one = load_config("paper", ["model.ep_size=1"])
+    return {"1 x H200 (ep_size 1)": make_plan(one, 1, 1, Hardware(memory_gib=141)).samples_per_s_per_rank,
+            "4 nodes x 8 GPUs": make_plan(cfg, 4, 8, Hardware()).samples_per_s_per_rank}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batches", type=int, default=60, help="loader batches timed per worker setting")
-    ap.add_argument("--steps", type=int, default=12, help="training steps timed")
-    ap.add_argument("--batch", type=int, default=8)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", type=int, default=40, help="batches timed per (dtype, workers)")
+    ap.add_argument("--workers", default="0,1,2", help="DataLoader worker counts, comma-separated")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of this (the main) process")
+    ap.add_argument("--out", default="")
     args = ap.parse_args()
-    B = args.batch
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        build(root, shards_per_domain=4, windows_per_shard=6)
-        manifest = read_manifest(root, TOK)
-        cfg = DataConfig(weights={"channel": 0.5, "porous": 0.5}, shuffle_buffer=256, workers=0, on_error="raise", lanes=2)
+    torch.set_num_threads(args.threads)
+    worker_counts = [int(w) for w in args.workers.split(",")]
+    cfg = DataConfig(weights={"channel": 0.5, "porous": 0.5}, shuffle_buffer=256, lanes=4, on_error="raise")
+    results = {}
+    for dtype in ("float32", "float16"):
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            build(root, dtype)
+            shard_bytes = sum(p.stat().st_size for p in latent_dir(root, TOK).glob("train/*.tar"))
+            rows = {w: stream_rate(root, cfg, w, args.batches) for w in worker_counts}
+            results[dtype] = {"decode_ms_per_sample": decode_ms_per_sample(root, cfg),
+                              "shard_bytes_per_sample": shard_bytes / (len(DOMAINS) * SHARDS_PER_DOMAIN
+                                                                       * WINDOWS_PER_SHARD * (T - 1)),
+                              "first_batch_s": {w: r[0] for w, r in rows.items()},
+                              "samples_per_s": {w: r[1] for w, r in rows.items()}}
+    need = paper_rates()
 
-        # Decode cost: read + decode + normalize every window of every shard.
-        source = _source(manifest, cfg, TOK)
-        shards = [_Shard(f"{latent_dir(root, TOK)}/{s['path']}", s["domain"], s["samples"], s["split"], s["trajectory"],
-                         s["sha256"]) for s in manifest["shards"]]
-        t = time.perf_counter()
-        n_windows = sum(len(source.read(s)[0]) for s in shards)
-        decode_s = (time.perf_counter() - t) / n_windows
-
-        rows = []
-        for workers in (0, 1, 2):
-            stream = LatentStream(DataConfig(**{**cfg.__dict__, "workers": workers}), root, TOK, "train", B, 0, 1, seed=0)
-            it = iter(stream)
-            t = time.perf_counter()
-            next(it)
-            first = time.perf_counter() - t
-            t = time.perf_counter()
-            for _ in range(args.batches):
-                next(it)
-            rate = args.batches * B / (time.perf_counter() - t)
-            it.close()
-            rows.append((workers, first, rate))
-
-        torch.manual_seed(0)
-        model = StandIn()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        fixed = {"z_in": torch.randn(B, C, GRID, GRID, GRID), "z_out": torch.randn(B, C, GRID, GRID, GRID)}
-        train_steps(model, opt, [fixed] * 2)  # warm-up
-        # Steps fed by the loader (workers=1, as in the demo profile) alternate with steps on a
-        # fixed tensor, so load from other processes on a shared machine hits both alike.
-        fed = LatentStream(DataConfig(**{**cfg.__dict__, "workers": 1}), root, TOK, "train", B, 0, 1, seed=1)
-        it = iter(fed)
-        next(it)
-        fixed_s, fed_s = [], []
-        for _ in range(args.steps):
-            fixed_s.append(train_steps(model, opt, [fixed]))
-            fed_s.append(train_steps(model, opt, [next(it)]))
-        it.close()
-        step_s, fed_s = float(np.median(fixed_s)), float(np.median(fed_s))
-        consume = B / step_s
-
-    print(f"latent loader benchmark: C={C}, {GRID}^3, windows T={T} (7 pairs), batch {B}, "
-          f"torch threads {torch.get_num_threads()}")
-    print(f"decode (read tar + np.load allow_pickle=False + normalize): {decode_s * 1e3:.2f} ms/window, "
-          f"{decode_s / (T - 1) * 1e3:.3f} ms/pair")
-    print(f"consumption, STAND-IN transformer fwd+bwd+AdamW (512 tok x 128 d, 4 layers): "
-          f"{step_s * 1e3:.0f} ms/step (median) = {consume:.1f} samples/s")
-    print()
-    print("| workers | first batch (s) | loader samples/s | ratio to consumption |")
-    print("|---|---|---|---|")
-    for workers, first, rate in rows:
-        print(f"| {workers} | {first:.2f} | {rate:.0f} | {rate / consume:.0f}x |")
-    print()
-    print(f"median training step fed by the loader (workers=1): {fed_s * 1e3:.0f} ms vs {step_s * 1e3:.0f} ms on a fixed "
-          f"tensor ({(fed_s / step_s - 1) * 100:+.0f}%)")
+    print(f"latent loader: C={C}, 16^3, windows T={T} ({T - 1} pairs), batch {BATCH}; sample = one pair; "
+          f"main process torch threads {args.threads}")
+    print("| z.npy | bytes on disk per sample | decode ms per sample | " +
+          " | ".join(f"{w} workers samples/s" if w else "in-process samples/s" for w in worker_counts) + " |")
+    print("|---|---|---|" + "---|" * len(worker_counts))
+    for dtype, r in results.items():
+        print(f"| {dtype} | {r['shard_bytes_per_sample']:,.0f} | {r['decode_ms_per_sample']:.3f} | "
+              + " | ".join(f"{r['samples_per_s'][w]:,.0f}" for w in worker_counts) + " |")
+    per_worker = results["float16"]["samples_per_s"].get(1, results["float16"]["samples_per_s"][worker_counts[-1]])
+    print(f"\nper-worker rate (float16, 1 worker, measured here): {per_worker:,.0f} samples/s")
+    spare = {"1 x H200 (ep_size 1)": NODE_CORES - 1, "4 nodes x 8 GPUs": (NODE_CORES - 8) // 8}
+    print("EXTRAPOLATED to a 16-core GPU node, assuming each spare core delivers the per-worker rate measured here:")
+    for layout, rate in need.items():
+        workers = spare[layout]
+        print(f"  {layout}: the paper model consumes ~{rate:,.0f} samples/s per GPU (shodh plan estimate): "
+              f"{int(np.ceil(rate / per_worker))} worker(s) per GPU; {workers} spare core(s) per GPU give "
+              f"{workers * per_worker / rate:.1f}x that rate")
+    summary = {"batch": BATCH, "channels": C, "window": T, "threads": args.threads, "results": results,
+               "paper_samples_per_s_per_gpu": need, "per_worker_samples_per_s": per_worker}
+    if args.out:
+        Path(args.out).write_text(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ The optimizer is torch's AdamW with `--adamw fused` (default; one kernel over al
 `foreach` (multi-tensor) or `loop` (per parameter, torch's CPU default).
 
 Usage: python benchmarks/bench_moe.py [--tokens 512,2048,8192] [--repeats 5] [--dim 128] [--depth 4]
-       [--patch 2] [--adamw fused|foreach|loop] [--out FILE]
+       [--patch 2] [--adamw fused|foreach|loop] [--threads T] [--out FILE]
 """
 
 from __future__ import annotations
@@ -161,8 +161,12 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=4)
     ap.add_argument("--patch", type=int, default=2, help="2: the paper's 512 tokens per sample")
     ap.add_argument("--adamw", choices=("fused", "foreach", "loop"), default="fused")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch intra-op threads (0: torch's default); 1 keeps ratios stable on a shared machine")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     base = ModelConfig(patch=args.patch, dim=args.dim, depth=args.depth, heads=4, expert_dim=4 * args.dim,

@@ -261,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--efficiency", type=float, default=None, help="assumed fraction of peak reached (default: 0.4)")
     p.add_argument("--bandwidth", type=float, default=None, help="bytes/s per rank between ranks (default: 50e9)")
     p.add_argument("--loader-rate", type=float, default=None,
-                   help="samples/s one loader worker delivers (benchmarks/bench_loader.py); plans data.workers")
+                   help="samples/s one loader worker delivers (default: 550, measured by benchmarks/bench_loader.py "
+                        "on a 2-core CPU; measure your node's); plans data.workers")
     p.set_defaults(func=cmd_plan)
 
     p = verbs.add_parser("train-tokenizer",

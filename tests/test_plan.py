@@ -108,6 +108,13 @@ def test_paper_plan_on_4x8_fits_and_states_its_terms(capsys):
     for term in ("parameters", "gradients", "optimizer", "activations", "alltoall_buffers", "FLOPs per step",
                  "tokens per expert per step: 16,384", "all-to-all per MoE layer", "worker(s) per rank"):
         assert term in out
+    # 807 samples/s per rank (estimate) at 2,000 per worker: 1 worker; the profile's data.workers=4 is enough.
+    assert "-> 1 worker(s) per rank at 2,000 samples/s each" in out and "data.workers=4 is enough" in out
+    assert main(["plan", "--profile", "paper", "--nodes", "4", "--gpus-per-node", "8", "--loader-rate", "100",
+                 "data.workers=2"]) == 0
+    assert "data.workers=2 is too few" in capsys.readouterr().out
+    assert main(["plan", "--profile", "paper", "--loader-rate", "0"]) == 2
+    assert "--loader-rate must be > 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("overrides,term,knob", [

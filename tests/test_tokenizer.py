@@ -238,6 +238,47 @@ def test_encode_and_train_resume_without_redoing_work(trained_root, capsys):
     assert read_json(trained_root / "tokenizer" / "tokenizer.json")["id"] == tok_id
 
 
+def test_float16_latents_are_the_rounded_float32_ones_and_switching_dtype_re_encodes(trained_root, tmp_path):
+    """tokenizer.latent_dtype=float16: every stored latent is the float32 encoding rounded to float16, the
+    manifest says so and its stats are those of the stored values; the loader yields float32 batches of
+    them; switching the dtype re-encodes every trajectory (no shard set mixes dtypes)."""
+    root = tmp_path / "ws"
+    shutil.copytree(trained_root, root)
+    tok_id = read_json(root / "tokenizer" / "tokenizer.json")["id"]
+    out = root / "latents" / tok_id
+    z32 = {s["path"]: [x["z.npy"] for x in iter_shard(out / s["path"])] for s in read_json(out / "manifest.json")["shards"]}
+    args = ["encode", *SMOKE, "--root", str(root), *_sim_overrides(), *FAST]
+    assert cli.main([*args, "tokenizer.latent_dtype=float16"]) == 0
+    manifest = read_json(out / "manifest.json")
+    assert manifest["dtype"] == "float16"
+    for shard in manifest["shards"]:
+        z16 = [x["z.npy"] for x in iter_shard(out / shard["path"])]
+        assert all(z.dtype == np.float16 for z in z16)
+        for a, b in zip(z16, z32[shard["path"]], strict=True):
+            np.testing.assert_array_equal(a, b.astype(np.float16))
+    train = [np.concatenate([x["z.npy"] for x in iter_shard(out / s["path"])]).astype(np.float64)
+             for s in manifest["shards"] if s["split"] == "train"]
+    frames = np.concatenate(train)
+    np.testing.assert_allclose(manifest["stats"]["mean"], frames.mean(axis=(0, 2, 3, 4)), rtol=1e-9, atol=1e-12)
+    from shodh.data.loader import DataConfig, eval_batches
+    batch = next(iter(eval_batches(DataConfig(), root, tok_id, "val", 2, 0, 1)))
+    assert batch["z_in"].dtype == torch.float32 and torch.isfinite(batch["z_in"]).all()
+    assert cli.main([*args, "tokenizer.latent_dtype=float32"]) == 0
+    back = read_json(out / "manifest.json")
+    assert back["dtype"] == "float32"
+    assert all(x["z.npy"].dtype == np.float32 for s in back["shards"] for x in iter_shard(out / s["path"]))
+
+
+def test_float16_latents_out_of_range_are_refused():
+    from shodh.errors import DataError
+    from shodh.tokenizer.encode import stored
+    z = np.ones((2, 4, 16, 16, 16), np.float32)
+    assert stored(z, "float16", "raw/x.tar").dtype == np.float16
+    z[1, 2, 3, 4, 5] = -7e4
+    with pytest.raises(DataError, match=r"raw/x\.tar: latents reach \|z\| = 7e\+04.*latent_dtype=float32"):
+        stored(z, "float16", "raw/x.tar")
+
+
 def test_audit_prints_one_json_object(trained_root, capsys):
     assert cli.main(["audit", *SMOKE, "--root", str(trained_root), *_sim_overrides()]) == 0
     report = json.loads(capsys.readouterr().out)

@@ -233,9 +233,13 @@ class _Source:
             raise DataError(f"{where}: z.npy has shape {z_TCXYZ.shape}, expected [T>=2, {', '.join(map(str, expected))}]")
         if z_TCXYZ.dtype not in (np.float32, np.float16):
             raise DataError(f"{where}: z.npy has dtype {z_TCXYZ.dtype}, expected float32 or float16")
-        if not np.isfinite(z_TCXYZ).all():
+        # Float16 is widened by torch (vectorized; numpy's astype is ~5x slower), float32 stays the array
+        # np.load just made for this reader; it is then checked (numpy's isfinite is the fast one here) and
+        # normalized in place: every pass over a window costs loader rate (benchmarks/bench_loader.py).
+        z_TCXYZ = torch.from_numpy(z_TCXYZ).to(torch.float32)
+        if not np.isfinite(z_TCXYZ.numpy()).all():
             raise DataError(f"{where}: z.npy contains NaN or inf")
-        return np.ascontiguousarray(self.norm.normalize(z_TCXYZ.astype(np.float32)))
+        return self.norm.normalize_(z_TCXYZ).numpy()
 
 
 def _pairs(windows: list[np.ndarray]) -> list[tuple[int, int]]:
@@ -248,13 +252,21 @@ def _rng(*key: int) -> np.random.Generator:
     return np.random.default_rng(list(key))
 
 
+def _stacked(frames: list[np.ndarray]) -> torch.Tensor:
+    """The frames stacked into one float32 tensor [B, ...]. In a DataLoader worker it is allocated in shared
+    memory from the start: DataLoader would otherwise copy every batch into shared memory to send it."""
+    out = torch.empty((len(frames), *frames[0].shape), dtype=torch.float32)
+    if get_worker_info() is not None:
+        out.share_memory_()
+    np.stack(frames, out=out.numpy())
+    return out
+
+
 def _batch(windows_items: list[tuple[np.ndarray, int]], domain_B: np.ndarray) -> dict:
     """Stack B items (window z_TCXYZ, t) into z_in / z_out [B, C, X, Y, Z] tensors."""
-    z_in_BCXYZ = np.stack([z[t] for z, t in windows_items])
-    z_out_BCXYZ = np.stack([z[t + 1] for z, t in windows_items])
     return {
-        "z_in": torch.from_numpy(z_in_BCXYZ),
-        "z_out": torch.from_numpy(z_out_BCXYZ),
+        "z_in": _stacked([z[t] for z, t in windows_items]),
+        "z_out": _stacked([z[t + 1] for z, t in windows_items]),
         "domain": torch.as_tensor(domain_B, dtype=torch.int64),
     }
 

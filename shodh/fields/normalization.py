@@ -101,6 +101,12 @@ class LatentNorm:
         mean, std = self._constants(z_CXYZ)
         return (z_CXYZ - mean) / std
 
+    def normalize_(self, z_CXYZ: torch.Tensor) -> torch.Tensor:
+        """`normalize` in place on a float32 tensor the caller owns: the same bits (IEEE subtract, then
+        divide), no temporaries."""
+        mean, std = self._constants(z_CXYZ)
+        return z_CXYZ.sub_(mean).div_(std)
+
     def denormalize(self, z_CXYZ):
         """Normalized latents [..., C, X, Y, Z] (numpy or torch) -> raw: z * std + mean."""
         mean, std = self._constants(z_CXYZ)

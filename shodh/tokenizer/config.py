@@ -30,6 +30,9 @@ class TokenizerConfig:
     # encoding
     window: int = 4  # T: frames per latent sample; windows overlap by one frame
     encode_batch: int = 4
+    # dtype of z.npy in latent shards: float16 halves shard bytes and the loader's read + hash + IPC cost
+    # (rounding 2^-11 relative to |z|); encoding refuses latents beyond float16's range.
+    latent_dtype: Literal["float32", "float16"] = "float32"
     # execution only (not part of the identity)
     device: str = "cpu"
     threads: int = 0  # torch intra-op threads; 0 = torch's default

@@ -2,15 +2,17 @@
 
 Layout: ROOT/latents/<tokenizer-id>/<split>/<domain>-<traj:06d>.tar, one shard per trajectory,
 one sample per window of T = tokenizer.window frames, key `<domain>_<traj:05d>_<t0:05d>`:
-`z.npy` float32 [T, C, 16, 16, 16] (raw encoder output, NOT normalized) and `meta.json`
+`z.npy` [T, C, 16, 16, 16] in `tokenizer.latent_dtype` (float32, or float16: half the bytes the
+loader reads, hashes and ships; raw encoder output, NOT normalized) and `meta.json`
 {domain, trajectory, t0, dt, tokenizer_id, split, frames}. Windows start every T-1 frames, so
 consecutive windows share one frame and every consecutive pair (t, t+1) lies in exactly one
 window; the last window may be shorter (>= 2 frames).
 
 manifest.json beside the split folders: tokenizer_id, channels, window, domains, shards
 [{path (relative to the manifest's folder), split, domain, trajectory, samples, sha256}],
-counts, stats {mean [C], std [C], per_domain {domain: {mean, std}}} over the train split's
-frames (each frame once). Every finished trajectory leaves parts/<domain>-<traj>.json; a rerun
+dtype, counts, stats {mean [C], std [C], per_domain {domain: {mean, std}}} over the train split's
+frames (each frame once, as stored: float16 latents' stats are those of the rounded values).
+Every finished trajectory leaves parts/<domain>-<traj>.json; a rerun
 skips trajectories whose part record matches both the raw shard's and the latent shard's
 sha256, so encoding resumes after a crash. Shards are split round-robin over ranks; rank 0
 merges the manifest once all ranks are done.
@@ -66,17 +68,29 @@ def _shard(out: Path, record: dict) -> Path:
     return shard_file(out, record["split"], record["domain"], record["trajectory"])
 
 
-def is_done(out: Path, record: dict, window: int) -> bool:
+def is_done(out: Path, record: dict, window: int, dtype: str) -> bool:
     part, shard = _part(out, record), _shard(out, record)
     if not (part.exists() and shard.exists()):
         return False
     done = read_json(part, "latent trajectory record")
     return (done.get("raw_sha256") == record["sha256"] and done.get("window") == window
-            and done.get("sha256") == sha256_file(shard))
+            and done.get("dtype", "float32") == dtype and done.get("sha256") == sha256_file(shard))
+
+
+def stored(z_TCxyz: np.ndarray, dtype: str, where: str) -> np.ndarray:
+    """The latents as `tokenizer.latent_dtype` stores them; refuses values float16 cannot hold."""
+    if dtype == "float32":
+        return z_TCxyz
+    largest = float(np.abs(z_TCxyz).max())
+    if largest > np.finfo(np.float16).max:
+        raise DataError(f"{where}: latents reach |z| = {largest:.3g}, beyond float16's {np.finfo(np.float16).max:g}; "
+                        f"encode with tokenizer.latent_dtype=float32")
+    return z_TCxyz.astype(np.float16)
 
 
 @torch.no_grad()
-def encode_trajectory(tok: Tokenizer, record: dict, out: Path, window: int, batch: int, bar: tqdm | None) -> dict:
+def encode_trajectory(tok: Tokenizer, record: dict, out: Path, window: int, batch: int, dtype: str,
+                      bar: tqdm | None) -> dict:
     """Encode one raw trajectory shard (a `shards_of` record) into its latent shard; returns its part record.
 
     Nothing is written unless the whole raw shard verified (checksum, count, meta, values: the
@@ -104,6 +118,7 @@ def encode_trajectory(tok: Tokenizer, record: dict, out: Path, window: int, batc
         t = int(np.argmin(finite_T))
         raise DataError(f"{raw_file}: frame {metas[t].get('frame', t)} encodes to NaN/inf latents with tokenizer "
                         f"{tok.id}; no latent shard written (check or retrain the tokenizer)")
+    z_TCxyz = stored(z_TCxyz, dtype, raw_file)
     shard = _shard(out, record)
     with AtomicShardWriter(shard) as writer:
         for t0, t1 in windows(len(z_TCxyz), window):
@@ -113,16 +128,19 @@ def encode_trajectory(tok: Tokenizer, record: dict, out: Path, window: int, batc
     z64 = z_TCxyz.astype(np.float64)
     part = {"path": str(shard.relative_to(out)), "split": record["split"], "domain": record["domain"],
             "trajectory": record["trajectory"], "samples": writer.count, "sha256": writer.sha256,
-            "frames": len(z_TCxyz), "window": window, "raw_sha256": record["sha256"], "tokenizer_id": tok.id,
+            "frames": len(z_TCxyz), "window": window, "dtype": dtype, "raw_sha256": record["sha256"], "tokenizer_id": tok.id,
             "sum": z64.sum(axis=(0, 2, 3, 4)).tolist(), "sumsq": (z64**2).sum(axis=(0, 2, 3, 4)).tolist(),
             "voxels": int(z64[:, 0].size)}
     write_json_atomic(_part(out, record), part)
     return part
 
 
-def merge_manifest(out: Path, tok: Tokenizer, raw_manifest: dict, window: int) -> dict:
+def merge_manifest(out: Path, tok: Tokenizer, raw_manifest: dict, window: int, dtype: str) -> dict:
     """Collect every trajectory's part record into manifest.json (train-split latent stats)."""
     parts = collect_parts([_part(out, record) for record in raw_manifest["shards"]], out)
+    mixed = sorted({p.get("dtype", "float32") for p in parts} - {dtype})
+    if mixed:  # a rank of this encode skipped a trajectory encoded with another dtype: cannot happen via is_done
+        raise DataError(f"{out}: trajectory records in {mixed} beside tokenizer.latent_dtype={dtype}; re-run `shodh encode`")
     train = [p for p in parts if p["split"] == "train"]
     domains = list(raw_manifest["domains"])
     stats = {**moments(train), "split": "train",
@@ -131,7 +149,7 @@ def merge_manifest(out: Path, tok: Tokenizer, raw_manifest: dict, window: int) -
     counts = split_counts(parts, SPLITS, domains, ("samples", "frames"))
     keep = ("path", "split", "domain", "trajectory", "samples", "frames", "sha256")
     manifest = {"format": MANIFEST_FORMAT, "tokenizer_id": tok.id, "channels": tok.channels, "window": window,
-                "latent_shape": [tok.channels, LATENT, LATENT, LATENT], "grid": tok.grid, "domains": domains,
+                "dtype": dtype, "latent_shape": [tok.channels, LATENT, LATENT, LATENT], "grid": tok.grid, "domains": domains,
                 "raw_config_sha": raw_manifest.get("config_sha"), "normalized": False,
                 "shards": [{k: p[k] for k in keep} for p in parts], "counts": counts, "stats": stats}
     write_json_atomic(out / "manifest.json", manifest)
@@ -152,7 +170,7 @@ def encode(cfg, root: Path, info: DistInfo) -> dict | None:
         _encode_mine(tok, raw_manifest, root, out, tcfg, info)
     if info.distributed:
         torch_dist.barrier()
-    return merge_manifest(out, tok, raw_manifest, tcfg.window) if info.is_main else None
+    return merge_manifest(out, tok, raw_manifest, tcfg.window, tcfg.latent_dtype) if info.is_main else None
 
 
 def _encode_mine(tok: Tokenizer, raw_manifest: dict, root: Path, out: Path, tcfg, info: DistInfo) -> None:
@@ -161,7 +179,7 @@ def _encode_mine(tok: Tokenizer, raw_manifest: dict, root: Path, out: Path, tcfg
     # (and rank 0 the manifest), so it alone clears their debris.
     remove_stale_temporaries([p for r in mine for p in (_shard(out, r), _part(out, r))]
                              + ([out / "manifest.json"] if info.is_main else []))
-    todo = [r for r in mine if not is_done(out, r, tcfg.window)]
+    todo = [r for r in mine if not is_done(out, r, tcfg.window, tcfg.latent_dtype)]
     if len(todo) < len(mine):
         log.info("resuming: %d of %d trajectories already encoded", len(mine) - len(todo), len(mine))
     t0 = time.perf_counter()
@@ -169,5 +187,5 @@ def _encode_mine(tok: Tokenizer, raw_manifest: dict, root: Path, out: Path, tcfg
     with tqdm(total=total, desc=f"encode {tok.id}", unit="frame", disable=not info.is_main) as bar:
         for record in todo:
             bar.set_postfix_str(str(_shard(out, record).relative_to(out)))
-            encode_trajectory(tok, record, out, tcfg.window, tcfg.encode_batch, bar)
+            encode_trajectory(tok, record, out, tcfg.window, tcfg.encode_batch, tcfg.latent_dtype, bar)
     log.info("rank %d encoded %d trajectories (%d frames) in %.1f s", info.rank, len(todo), total, time.perf_counter() - t0)

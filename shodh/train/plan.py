@@ -46,7 +46,9 @@ class Hardware:
     peak_flops: float = 989e12  # dense matmul FLOP/s per device in the training dtype (H100 SXM bf16)
     efficiency: float = 0.4  # assumed fraction of peak the model reaches (an assumption, not a measurement)
     bandwidth: float = 50e9  # bytes/s per rank for all-to-all and gradient reduction across ranks
-    loader_rate: float = 0.0  # samples/s one loader worker delivers (bench_loader); 0: not planned
+    # samples/s one loader worker delivers: default MEASURED by benchmarks/bench_loader.py (paper shapes, float16
+    # shards, 1 worker) on a 2-core CPU VM; a GPU node's cores differ: measure yours and pass --loader-rate.
+    loader_rate: float = 550.0
 
 
 @dataclass
@@ -146,6 +148,8 @@ def make_plan(cfg: RunConfig, nodes: int, gpus_per_node: int, hw: Hardware) -> P
     from shodh.model.transformer import forward_flops_per_token
 
     world = nodes * gpus_per_node
+    if hw.loader_rate <= 0:
+        raise ConfigError(f"--loader-rate must be > 0 samples/s per worker, got {hw.loader_rate:g}")
     if world < 1:
         raise ConfigError(f"--nodes x --gpus-per-node must be >= 1, got {nodes} x {gpus_per_node}")
     layout = check_layout(cfg.model, cfg.train, DistInfo(rank=0, world_size=world))
@@ -188,7 +192,7 @@ def make_plan(cfg: RunConfig, nodes: int, gpus_per_node: int, hw: Hardware) -> P
     comm_s = (n_moe * a2a_step + grad_bytes) / hw.bandwidth if hw.bandwidth > 0 else 0.0
     step_s = {"compute": compute_s, "communication": comm_s, "total": compute_s + comm_s}
     samples = layout.micro_batch * layout.grad_accum / step_s["total"]
-    workers = math.ceil(samples / hw.loader_rate) if hw.loader_rate > 0 else 0
+    workers = math.ceil(samples / hw.loader_rate)
     tokens_per_expert = layout.global_batch * m.tokens / m.num_experts if m.kind == "moe" else 0.0
     return Plan(world, m.ep_size, layout.micro_batch, layout.grad_accum, b, groups, memory, ckpt, stored, flops,
                 a2a_step, tokens_per_expert, capacity, step_s, samples, workers)
@@ -245,8 +249,8 @@ def render(plan: Plan, cfg: RunConfig, hw: Hardware) -> str:
     s = plan.step_s
     lines.append(f"step time (estimate: {hw.efficiency:g} x {hw.peak_flops:.3g} FLOP/s, {hw.bandwidth:.3g} B/s, "
                  f"no overlap): {s['total']:.3f} s (compute {s['compute']:.3f}, communication {s['communication']:.3f})")
-    rate = f"loader: {plan.samples_per_s_per_rank:,.0f} samples/s per rank"
-    if hw.loader_rate > 0:
-        rate += f" -> {plan.loader_workers} worker(s) per rank at {hw.loader_rate:,.0f} samples/s each"
-    lines.append(rate)
+    lines.append(f"loader: {plan.samples_per_s_per_rank:,.0f} samples/s per rank (estimate) -> {plan.loader_workers} "
+                 f"worker(s) per rank at {hw.loader_rate:,.0f} samples/s each (--loader-rate); "
+                 + (f"data.workers={cfg.data.workers} is enough" if cfg.data.workers >= plan.loader_workers else
+                    f"data.workers={cfg.data.workers} is too few: the step would wait for data"))
     return "\n".join(lines)
