@@ -6,7 +6,8 @@ with float32 and once with float16 `z.npy` (`tokenizer.latent_dtype`), and measu
 - decode cost per sample (one sample = one (z_t, z_{t+1}) pair, the unit a training step consumes):
   reading the tar, sha256 of every byte, `np.load(allow_pickle=False)`, the meta and finiteness
   checks and normalization, in this process;
-- `LatentStream` samples/s at the paper micro-batch (16) with 0 workers (in-process) and 1, 2, ...
+- `LatentStream` samples/s at the paper micro-batch (16), float32 and float16 batches (`data.batch_dtype`),
+  with 0 workers (in-process) and 1, 2, ...
   DataLoader workers: the per-worker rate and how it scales (each worker on its own core: on a
   machine with fewer free cores than workers the scaling figure is capped by the machine, not the
   loader).
@@ -115,29 +116,34 @@ def main() -> None:
     worker_counts = [int(w) for w in args.workers.split(",")]
     cfg = DataConfig(weights={"channel": 0.5, "porous": 0.5}, shuffle_buffer=256, lanes=4, on_error="raise")
     results = {}
-    for dtype in ("float32", "float16"):
+    for shard_dtype, batch_dtypes in (("float32", ("float32",)), ("float16", ("float32", "float16"))):
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
-            build(root, dtype)
+            build(root, shard_dtype)
             shard_bytes = sum(p.stat().st_size for p in latent_dir(root, TOK).glob("train/*.tar"))
-            rows = {w: stream_rate(root, cfg, w, args.batches) for w in worker_counts}
-            results[dtype] = {"decode_ms_per_sample": decode_ms_per_sample(root, cfg),
-                              "shard_bytes_per_sample": shard_bytes / (len(DOMAINS) * SHARDS_PER_DOMAIN
-                                                                       * WINDOWS_PER_SHARD * (T - 1)),
-                              "first_batch_s": {w: r[0] for w, r in rows.items()},
-                              "samples_per_s": {w: r[1] for w, r in rows.items()}}
+            decode_ms = decode_ms_per_sample(root, cfg)
+            for batch_dtype in batch_dtypes:
+                c = dataclasses.replace(cfg, batch_dtype=batch_dtype)
+                rows = {w: stream_rate(root, c, w, args.batches) for w in worker_counts}
+                results[f"{shard_dtype} shards, {batch_dtype} batches"] = {
+                    "decode_ms_per_sample": decode_ms,
+                    "shard_bytes_per_sample": shard_bytes / (len(DOMAINS) * SHARDS_PER_DOMAIN * WINDOWS_PER_SHARD
+                                                             * (T - 1)),
+                    "first_batch_s": {w: r[0] for w, r in rows.items()},
+                    "samples_per_s": {w: r[1] for w, r in rows.items()}}
     need = paper_rates()
 
     print(f"latent loader: C={C}, 16^3, windows T={T} ({T - 1} pairs), batch {BATCH}; sample = one pair; "
           f"main process torch threads {args.threads}")
-    print("| z.npy | bytes on disk per sample | decode ms per sample | " +
+    print("| z.npy / data.batch_dtype | bytes on disk per sample | decode ms per sample | " +
           " | ".join(f"{w} workers samples/s" if w else "in-process samples/s" for w in worker_counts) + " |")
     print("|---|---|---|" + "---|" * len(worker_counts))
-    for dtype, r in results.items():
-        print(f"| {dtype} | {r['shard_bytes_per_sample']:,.0f} | {r['decode_ms_per_sample']:.3f} | "
+    for name, r in results.items():
+        print(f"| {name} | {r['shard_bytes_per_sample']:,.0f} | {r['decode_ms_per_sample']:.3f} | "
               + " | ".join(f"{r['samples_per_s'][w]:,.0f}" for w in worker_counts) + " |")
-    per_worker = results["float16"]["samples_per_s"].get(1, results["float16"]["samples_per_s"][worker_counts[-1]])
-    print(f"\nper-worker rate (float16, 1 worker, measured here): {per_worker:,.0f} samples/s")
+    best = results["float16 shards, float16 batches"]["samples_per_s"]
+    per_worker = best.get(1, best[worker_counts[-1]])
+    print(f"\nper-worker rate (float16 shards and batches, 1 worker, measured here): {per_worker:,.0f} samples/s")
     spare = {"1 x H200 (ep_size 1)": NODE_CORES - 1, "4 nodes x 8 GPUs": (NODE_CORES - 8) // 8}
     print("EXTRAPOLATED to a 16-core GPU node, assuming each spare core delivers the per-worker rate measured here:")
     for layout, rate in need.items():

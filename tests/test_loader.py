@@ -176,6 +176,23 @@ def test_stream_does_not_depend_on_worker_count_and_resumes_across_it(root):
     assert_same(take(resumed, 5), ref[7:])
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_float16_batches_are_the_float32_ones_rounded(root, workers):
+    """data.batch_dtype=float16: the same stream (positions, domains), z_in / z_out the float32 values rounded
+    to float16, from workers (shared-memory hand-off) as in-process; a state resumes across the dtype."""
+    ref = take(stream(root, cfg(workers=0)), 6)
+    half = take(stream(root, cfg(workers=workers, batch_dtype="float16")), 6)
+    for a, b in zip(half, ref, strict=True):
+        assert a["z_in"].dtype == a["z_out"].dtype == torch.float16
+        assert torch.equal(a["z_in"], b["z_in"].half()) and torch.equal(a["z_out"], b["z_out"].half())
+        assert torch.equal(a["domain"], b["domain"])
+    first = stream(root, cfg(workers=workers))
+    take(first, 2)
+    resumed = stream(root, cfg(workers=0, batch_dtype="float16"))
+    resumed.load_state_dict(first.state_dict())
+    assert torch.equal(take(resumed, 1)[0]["z_in"], ref[2]["z_in"].half())
+
+
 def test_different_seed_gives_different_stream(root):
     a, b = take(stream(root, seed=1), 3), take(stream(root, seed=2), 3)
     assert not all(torch.equal(x["z_in"], y["z_in"]) for x, y in zip(a, b))

@@ -92,6 +92,11 @@ class DataConfig:
     allow_pipe: bool = False
     lanes: int = 4  # independent sub-streams per rank; fixes the data independently of `workers`
     prefetch: int = 2  # batches prefetched per worker
+    # dtype of the training stream's z_in / z_out (normalized values): float16 halves what a worker hands the
+    # training process through shared memory, the largest per-sample cost left in a worker
+    # (benchmarks/bench_loader.py); it rounds them to 2^-11 relative, below bf16's 2^-8, so for bf16 training on GPU
+    # it loses nothing. Evaluation batches stay float32.
+    batch_dtype: Literal["float32", "float16"] = "float32"
 
     def validate(self) -> None:
         check(len(self.weights) > 0, "weights", "needs at least one domain")
@@ -252,21 +257,24 @@ def _rng(*key: int) -> np.random.Generator:
     return np.random.default_rng(list(key))
 
 
-def _stacked(frames: list[np.ndarray]) -> torch.Tensor:
-    """The frames stacked into one float32 tensor [B, ...]. In a DataLoader worker it is allocated in shared
-    memory from the start: DataLoader would otherwise copy every batch into shared memory to send it."""
-    out = torch.empty((len(frames), *frames[0].shape), dtype=torch.float32)
+def _stacked(frames: list[np.ndarray], dtype: torch.dtype) -> torch.Tensor:
+    """The float32 frames stacked into one tensor [B, ...] of `dtype`. In a DataLoader worker it is allocated in
+    shared memory from the start: DataLoader would otherwise copy every batch into shared memory to send it."""
+    out = torch.empty((len(frames), *frames[0].shape), dtype=dtype)
     if get_worker_info() is not None:
         out.share_memory_()
-    np.stack(frames, out=out.numpy())
+    if dtype == torch.float32:
+        np.stack(frames, out=out.numpy())
+    else:  # torch rounds float32 -> float16 vectorized (numpy's cast is several times slower)
+        out.copy_(torch.from_numpy(np.stack(frames)))
     return out
 
 
-def _batch(windows_items: list[tuple[np.ndarray, int]], domain_B: np.ndarray) -> dict:
-    """Stack B items (window z_TCXYZ, t) into z_in / z_out [B, C, X, Y, Z] tensors."""
+def _batch(windows_items: list[tuple[np.ndarray, int]], domain_B: np.ndarray, dtype: torch.dtype = torch.float32) -> dict:
+    """Stack B items (window z_TCXYZ, t) into z_in / z_out [B, C, X, Y, Z] tensors of `dtype`."""
     return {
-        "z_in": _stacked([z[t] for z, t in windows_items]),
-        "z_out": _stacked([z[t + 1] for z, t in windows_items]),
+        "z_in": _stacked([z[t] for z, t in windows_items], dtype),
+        "z_out": _stacked([z[t + 1] for z, t in windows_items], dtype),
         "domain": torch.as_tensor(domain_B, dtype=torch.int64),
     }
 
@@ -283,6 +291,7 @@ class _Plan:
     lanes: int
     batch_size: int
     round_items: int  # pairs per shuffle round of one (lane, domain)
+    batch_dtype: torch.dtype  # of z_in / z_out
 
 
 class _Rounds:
@@ -350,7 +359,7 @@ class _Lane:
         domain_B = mix.choice(len(plan.probs), size=plan.batch_size, p=plan.probs)
         items = [self.rounds[d].take() for d in domain_B]
         self.batch += 1
-        out = _batch(items, domain_B)
+        out = _batch(items, domain_B, plan.batch_dtype)
         out["lane_state"] = self.state()
         return out
 
@@ -417,7 +426,7 @@ def _split_shards(manifest: dict, cfg: DataConfig, root: Path, tokenizer_id: str
 class LatentStream:
     """Infinite, resampled, mixed training stream of fixed-size batches for ONE rank.
 
-    Yields {"z_in": float32 [B, C, 16, 16, 16] (normalized z_t), "z_out": same shape (z_{t+1}),
+    Yields {"z_in": [B, C, 16, 16, 16] (normalized z_t, float32 or data.batch_dtype), "z_out": same (z_{t+1}),
     "domain": int64 [B] (index into `domains`)}. One iterator at a time; a new `iter()` continues
     from the current state. See the module docstring for the sampling, resume and world-size rules.
     """
@@ -454,6 +463,7 @@ class LatentStream:
         self._plan = _Plan(
             source=source, shards=tuple(per_rank), probs=probs, seed=seed, rank=rank, lanes=cfg.lanes,
             batch_size=batch_size, round_items=max(1, cfg.shuffle_buffer // (cfg.lanes * active)),
+            batch_dtype=getattr(torch, cfg.batch_dtype),
         )
         self._batches = 0
         self._lane_states = [_fresh_lane_state(lane, len(self.domains)) for lane in range(cfg.lanes)]

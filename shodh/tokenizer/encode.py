@@ -81,9 +81,9 @@ def stored(z_TCxyz: np.ndarray, dtype: str, where: str) -> np.ndarray:
     """The latents as `tokenizer.latent_dtype` stores them; refuses values float16 cannot hold."""
     if dtype == "float32":
         return z_TCxyz
-    largest = float(np.abs(z_TCxyz).max())
-    if largest > np.finfo(np.float16).max:
-        raise DataError(f"{where}: latents reach |z| = {largest:.3g}, beyond float16's {np.finfo(np.float16).max:g}; "
+    largest, limit = float(np.abs(z_TCxyz).max()), float(np.finfo(np.float16).max)
+    if largest > limit:
+        raise DataError(f"{where}: latents reach |z| = {largest:.3g}, beyond float16's {limit:g}; "
                         f"encode with tokenizer.latent_dtype=float32")
     return z_TCxyz.astype(np.float16)
 

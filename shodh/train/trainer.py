@@ -301,7 +301,7 @@ class Trainer:
         context = self.telemetry.labels(batch["domain"]) if self.telemetry is not None else contextlib.nullcontext()
         with context:
             pred, router_loss = self.engine(z_in, **router_inputs(self.cfg.model.router.kind, batch["domain"]))
-        mse = F.mse_loss(pred.float(), batch["z_out"].to(self.device))
+        mse = F.mse_loss(pred.float(), batch["z_out"].to(self.device, torch.float32))
         self.engine.backward(mse + router_loss.weighted(self.cfg.model))
         self.engine.step()
         return mse.item(), router_loss.balance.item(), router_loss.z.item()
