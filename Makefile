@@ -13,11 +13,6 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 PYTEST_ARGS ?=
-# `make test` spreads whole test files over this many pytest-xdist workers (a file's module fixtures are
-# built once; the SLURM tests, one file, never share the localhost cluster with each other), each process
-# with one OpenMP thread: 2 workers x 2 threads on 2 cores make OpenMP spin and stall (measured: a 21 s
-# simulation took > 600 s).
-TEST_WORKERS ?= 2
 # DeepSpeed JIT-builds its CPU communication op on first use (~2 min on 2 cores); one shared
 # cache means it is built once, not by every test process that happens to start first.
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/shodh/torch_extensions
@@ -52,9 +47,8 @@ demo: install
 test: install
 	@echo "==> DeepSpeed CPU comm op (built once into $(TORCH_EXTENSIONS_DIR))"
 	DS_ACCELERATOR=$${DS_ACCELERATOR:-cpu} $(BIN)/python -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()"
-	@start=$$(date +%s); \
-	DS_ACCELERATOR=$${DS_ACCELERATOR:-cpu} OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS); \
-	rc=$$?; echo "==> test: $$(( $$(date +%s) - start )) s"; if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+	DS_ACCELERATOR=$${DS_ACCELERATOR:-cpu} $(BIN)/python -m pytest $(PYTEST_ARGS); \
+	rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 test-fast: install
 	@start=$$(date +%s); \

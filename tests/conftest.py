@@ -122,17 +122,9 @@ FAST_TESTS = {
 }
 
 
-# `make test` hands whole files to 2 pytest-xdist workers in this order (--no-loadscope-reorder): the longest go first
-# (serial minutes on 2 cores, --durations), so no long file starts last and leaves one worker idle.
-SLOW_FIRST = ["test_slurm.py", "test_pretrain.py", "test_paper_shapes.py", "test_reshard.py", "test_tokenizer.py",
-              "test_study.py", "test_tracking.py", "test_evaluate.py"]
-
-
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects
 def pytest_collection_modifyitems(config, items):
     for item in items:
         file, name = item.path.name, getattr(item, "originalname", item.name)
         if (file in FAST_FILES and name not in FAST_EXCLUDED) or name in FAST_TESTS.get(file, ()):
             item.add_marker(pytest.mark.fast)
-    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept within
