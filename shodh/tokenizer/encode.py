@@ -139,7 +139,7 @@ def merge_manifest(out: Path, tok: Tokenizer, raw_manifest: dict, window: int, d
     """Collect every trajectory's part record into manifest.json (train-split latent stats)."""
     parts = collect_parts([_part(out, record) for record in raw_manifest["shards"]], out)
     mixed = sorted({p.get("dtype", "float32") for p in parts} - {dtype})
-    if mixed:  # a rank of this encode skipped a trajectory encoded with another dtype: cannot happen via is_done
+    if mixed:  # is_done re-encodes another dtype's trajectories; two encodes at once with different dtypes could not
         raise DataError(f"{out}: trajectory records in {mixed} beside tokenizer.latent_dtype={dtype}; re-run `shodh encode`")
     train = [p for p in parts if p["split"] == "train"]
     domains = list(raw_manifest["domains"])
