@@ -7,16 +7,17 @@ with float32 and once with float16 `z.npy` (`tokenizer.latent_dtype`), and measu
   reading the tar, sha256 of every byte, `np.load(allow_pickle=False)`, the meta and finiteness
   checks and normalization, in this process;
 - `LatentStream` samples/s at the paper micro-batch (16), float32 and float16 batches (`data.batch_dtype`),
-  with 0 workers (in-process) and 1, 2, ...
-  DataLoader workers: the per-worker rate and how it scales (each worker on its own core: on a
-  machine with fewer free cores than workers the scaling figure is capped by the machine, not the
-  loader).
-Then compares the per-worker rate with the samples/s per GPU that `shodh plan` estimates for the
-paper profile (one H200; 4 nodes x 8 GPUs), and prints how many workers each needs and the margin
-at the workers a 16-core node can spare. The rates are MEASURED on this CPU; what a GPU node's
-cores deliver is extrapolated from them (stated as such in the output).
+  with 0 workers (in-process) and 1, 2, ... DataLoader workers, each with the shard cache off
+  (`data.cache_mb=0`: every resampled shard is read and decoded again) and warm (timed after
+  `--warmup` batches, by which every shard has been read once): the per-worker rate and how it scales
+  (each worker on its own core: on a machine with fewer free cores than workers the scaling figure
+  is capped by the machine, not the loader).
+Then compares the rates with the samples/s per GPU that `shodh plan` estimates for the paper profile
+(one H200; 4 nodes x 8 GPUs): for the training process's own core (in-process, warm cache) and for the
+workers a 16-core node can spare. The rates are MEASURED on this CPU; what a GPU node's cores deliver
+is extrapolated from them (stated as such in the output).
 
-    .venv/bin/python benchmarks/bench_loader.py [--batches 40] [--workers 0,1,2] [--threads 1] [--out FILE]
+    .venv/bin/python benchmarks/bench_loader.py [--batches 100] [--warmup 100] [--workers 0,1,2] [--threads 1] [--out FILE]
 """
 
 from __future__ import annotations
@@ -80,21 +81,20 @@ def decode_ms_per_sample(root: Path, cfg: DataConfig, repeats: int = 3) -> float
     return 1e3 * statistics.median(times)
 
 
-def stream_rate(root: Path, cfg: DataConfig, workers: int, batches: int) -> tuple[float, float]:
-    """(seconds to the first batch, samples/s over the next `batches` batches) of one LatentStream."""
+def stream_rate(root: Path, cfg: DataConfig, workers: int, batches: int, warmup: int) -> float:
+    """samples/s of one LatentStream over `batches` batches after `warmup` batches (workers started, shards cached)."""
     lanes = max(cfg.lanes, workers)
     stream = LatentStream(dataclasses.replace(cfg, workers=workers, lanes=lanes), root, TOK, "train", BATCH, 0, 1,
                           seed=0)
     it = iter(stream)
-    t = time.perf_counter()
-    next(it)
-    first = time.perf_counter() - t
+    for _ in range(warmup):
+        next(it)
     t = time.perf_counter()
     for _ in range(batches):
         next(it)
     rate = batches * BATCH / (time.perf_counter() - t)
     it.close()
-    return first, rate
+    return rate
 
 
 def paper_rates() -> dict[str, float]:
@@ -107,7 +107,8 @@ def paper_rates() -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batches", type=int, default=40, help="batches timed per (dtype, workers)")
+    ap.add_argument("--batches", type=int, default=100, help="batches timed per (dtype, cache, workers)")
+    ap.add_argument("--warmup", type=int, default=100, help="batches before timing (reads every shard at least once)")
     ap.add_argument("--workers", default="0,1,2", help="DataLoader worker counts, comma-separated")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of this (the main) process")
     ap.add_argument("--out", default="")
@@ -123,36 +124,41 @@ def main() -> None:
             shard_bytes = sum(p.stat().st_size for p in latent_dir(root, TOK).glob("train/*.tar"))
             decode_ms = decode_ms_per_sample(root, cfg)
             for batch_dtype in batch_dtypes:
-                c = dataclasses.replace(cfg, batch_dtype=batch_dtype)
-                rows = {w: stream_rate(root, c, w, args.batches) for w in worker_counts}
-                results[f"{shard_dtype} shards, {batch_dtype} batches"] = {
-                    "decode_ms_per_sample": decode_ms,
-                    "shard_bytes_per_sample": shard_bytes / (len(DOMAINS) * SHARDS_PER_DOMAIN * WINDOWS_PER_SHARD
-                                                             * (T - 1)),
-                    "first_batch_s": {w: r[0] for w, r in rows.items()},
-                    "samples_per_s": {w: r[1] for w, r in rows.items()}}
+                for cache, cache_mb in (("off", 0), ("warm", cfg.cache_mb)):
+                    c = dataclasses.replace(cfg, batch_dtype=batch_dtype, cache_mb=cache_mb)
+                    results[f"{shard_dtype} shards, {batch_dtype} batches, cache {cache}"] = {
+                        "decode_ms_per_sample": decode_ms,
+                        "shard_bytes_per_sample": shard_bytes / (len(DOMAINS) * SHARDS_PER_DOMAIN * WINDOWS_PER_SHARD
+                                                                 * (T - 1)),
+                        "samples_per_s": {w: stream_rate(root, c, w, args.batches, args.warmup) for w in worker_counts}}
     need = paper_rates()
 
     print(f"latent loader: C={C}, 16^3, windows T={T} ({T - 1} pairs), batch {BATCH}; sample = one pair; "
-          f"main process torch threads {args.threads}")
-    print("| z.npy / data.batch_dtype | bytes on disk per sample | decode ms per sample | " +
+          f"main process torch threads {args.threads}; {args.batches} batches timed after {args.warmup}")
+    print("| z.npy / data.batch_dtype / shard cache | bytes on disk per sample | decode ms per sample | " +
           " | ".join(f"{w} workers samples/s" if w else "in-process samples/s" for w in worker_counts) + " |")
     print("|---|---|---|" + "---|" * len(worker_counts))
     for name, r in results.items():
         print(f"| {name} | {r['shard_bytes_per_sample']:,.0f} | {r['decode_ms_per_sample']:.3f} | "
               + " | ".join(f"{r['samples_per_s'][w]:,.0f}" for w in worker_counts) + " |")
-    best = results["float16 shards, float16 batches"]["samples_per_s"]
+    best = results["float16 shards, float16 batches, cache warm"]["samples_per_s"]
+    in_process = best.get(0, 0.0)
     per_worker = best.get(1, best[worker_counts[-1]])
-    print(f"\nper-worker rate (float16 shards and batches, 1 worker, measured here): {per_worker:,.0f} samples/s")
+    cold = results["float16 shards, float16 batches, cache off"]["samples_per_s"]
+    print(f"\nfloat16 shards and batches, measured here: in-process with a warm cache {in_process:,.0f} samples/s "
+          f"({1e3 * BATCH / in_process:.2f} ms of the training process per micro batch of {BATCH}); "
+          f"1 worker {per_worker:,.0f} warm, {cold.get(1, 0.0):,.0f} cold (cache off)")
     spare = {"1 x H200 (ep_size 1)": NODE_CORES - 1, "4 nodes x 8 GPUs": (NODE_CORES - 8) // 8}
-    print("EXTRAPOLATED to a 16-core GPU node, assuming each spare core delivers the per-worker rate measured here:")
+    print("EXTRAPOLATED to a 16-core GPU node (the paper's shards held in each rank's cache; each core delivers "
+          "the rate measured here):")
     for layout, rate in need.items():
         workers = spare[layout]
         print(f"  {layout}: the paper model consumes ~{rate:,.0f} samples/s per GPU (shodh plan estimate): "
-              f"{int(np.ceil(rate / per_worker))} worker(s) per GPU; {workers} spare core(s) per GPU give "
-              f"{workers * per_worker / rate:.1f}x that rate")
+              f"in-process {in_process / rate:.1f}x that rate; {workers} spare core(s) per GPU as workers "
+              f"{workers * per_worker / rate:.1f}x ({int(np.ceil(rate / per_worker))} worker(s) per GPU needed)")
     summary = {"batch": BATCH, "channels": C, "window": T, "threads": args.threads, "results": results,
-               "paper_samples_per_s_per_gpu": need, "per_worker_samples_per_s": per_worker}
+               "paper_samples_per_s_per_gpu": need, "in_process_warm_samples_per_s": in_process,
+               "per_worker_warm_samples_per_s": per_worker}
     if args.out:
         Path(args.out).write_text(json.dumps(summary, indent=2))
 

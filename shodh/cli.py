@@ -261,8 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--efficiency", type=float, default=None, help="assumed fraction of peak reached (default: 0.4)")
     p.add_argument("--bandwidth", type=float, default=None, help="bytes/s per rank between ranks (default: 50e9)")
     p.add_argument("--loader-rate", type=float, default=None,
-                   help="samples/s one loader worker delivers (default: 550, measured by benchmarks/bench_loader.py "
-                        "on a 2-core CPU; measure your node's); plans data.workers")
+                   help="samples/s one loader worker delivers with a warm shard cache (default: the rate "
+                        "benchmarks/bench_loader.py measured on a 2-core CPU, printed; measure your node's); "
+                        "plans data.workers")
     p.set_defaults(func=cmd_plan)
 
     p = verbs.add_parser("train-tokenizer",

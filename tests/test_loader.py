@@ -193,6 +193,38 @@ def test_float16_batches_are_the_float32_ones_rounded(root, workers):
     assert torch.equal(take(resumed, 1)[0]["z_in"], ref[2]["z_in"].half())
 
 
+@pytest.mark.parametrize("batch_dtype", ["float32", "float16"])
+def test_shard_cache_reads_each_shard_once_and_changes_no_batch(root, monkeypatch, batch_dtype):
+    """data.cache_mb: the resampling stream re-reads its 6 train shards many times without the cache, once
+    with it; the batches are bit-identical (in-process and from workers); a budget below the rank's shards
+    evicts (more reads, same batches)."""
+    import shodh.data.loader as loader
+
+    reads: list[str] = []
+    real = loader.read_shard
+    monkeypatch.setattr(loader, "read_shard", lambda url, *a: reads.append(url) or real(url, *a))
+    counts = {}
+    ref = None
+    for cache_mb in (0, 1, 64):
+        reads.clear()
+        got = take(stream(root, cfg(cache_mb=cache_mb, batch_dtype=batch_dtype, shuffle_buffer=24)), 40)
+        counts[cache_mb] = len(reads)
+        if ref is None:
+            ref = got
+        assert_same(got, ref)
+    shard_bytes = 2 * WINDOW * C * 16**3 * (2 if batch_dtype == "float16" else 4)  # two windows of 4 frames
+    assert counts[64] == 6 < counts[0], counts
+    if 2**20 // shard_bytes < 6:  # float32: 1 MiB holds 4 of the 6 shards
+        assert 6 < counts[1] < counts[0], counts
+    else:
+        assert counts[1] == 6, counts
+    assert_same(take(stream(root, cfg(workers=2, batch_dtype=batch_dtype, shuffle_buffer=24)), 40), ref)
+    from shodh.config import load_config
+
+    with pytest.raises(ConfigError, match="data.cache_mb: must be >= 0"):
+        load_config("smoke", ["data.cache_mb=-1"])
+
+
 def test_different_seed_gives_different_stream(root):
     a, b = take(stream(root, seed=1), 3), take(stream(root, seed=2), 3)
     assert not all(torch.equal(x["z_in"], y["z_in"]) for x, y in zip(a, b))

@@ -108,11 +108,13 @@ def test_paper_plan_on_4x8_fits_and_states_its_terms(capsys):
     for term in ("parameters", "gradients", "optimizer", "activations", "alltoall_buffers", "FLOPs per step",
                  "tokens per expert per step: 16,384", "all-to-all per MoE layer", "worker(s) per rank"):
         assert term in out
-    # 807 samples/s per rank (estimate) at 2,000 per worker: 1 worker; the profile's data.workers=4 is enough.
-    assert "-> 1 worker(s) per rank at 2,000 samples/s each" in out and "data.workers=4 is enough" in out
+    # 807 samples/s per rank (estimate) at 2,000 per worker: 1 worker; the profile's data.workers=1 is enough.
+    assert "-> 1 worker(s) per rank at 2,000 samples/s each" in out and "data.workers=1 is enough" in out
+    assert "shard cache: up to 2,048 MiB host memory per rank (data.cache_mb 2048 x 1 loader process(es))" in out
     assert main(["plan", "--profile", "paper", "--nodes", "4", "--gpus-per-node", "8", "--loader-rate", "100",
-                 "data.workers=2"]) == 0
-    assert "data.workers=2 is too few" in capsys.readouterr().out
+                 "data.workers=2", "data.lanes=4", "data.cache_mb=100"]) == 0
+    out = capsys.readouterr().out
+    assert "data.workers=2 is too few" in out and "up to 200 MiB host memory per rank" in out
     assert main(["plan", "--profile", "paper", "--loader-rate", "0"]) == 2
     assert "--loader-rate must be > 0" in capsys.readouterr().err
 

@@ -38,6 +38,12 @@ paths, `http(s)://`, ...; `pipe:` only with data.allow_pipe, as it runs a shell 
 tar-to-sample grouping (`tar_file_iterator`, `group_by_keys`) through `shodh.io.read_shard`, which
 hashes the stream as it goes; samples are decoded by `shodh.io.decode_sample` (`allow_pickle=False`).
 
+Shard cache (`data.cache_mb` per loader process): a shard read whole and clean is kept decoded, normalized
+and in the batch dtype, so a resampled shard costs a dictionary lookup instead of tar, hash, np.load and
+normalization again; batches are then stacked from memory. Which shard and pair come next never depends
+on it (the RNG keys above do not change), so batches are bit-identical with the cache on or off; the
+integrity checks ran when the shard was read, and the cache lives as long as its worker (in-process: its stream).
+
 Integrity: every shard is read against its manifest entry, sha256 and sample count (checked when
 the shard ends, before any of its samples is used: a shard is read whole before its pairs are
 emitted) and each sample's meta (tokenizer id, split, domain, trajectory); non-finite latents
@@ -55,6 +61,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal
@@ -97,6 +104,11 @@ class DataConfig:
     # (benchmarks/bench_loader.py); it rounds them to 2^-11 relative, below bf16's 2^-8, so for bf16 training on GPU
     # it loses nothing. Evaluation batches stay float32.
     batch_dtype: Literal["float32", "float16"] = "float32"
+    # MiB of decoded shards each loader process (a worker, or the training process with workers=0) keeps
+    # (least recently used out first; 0 = off). The stream resamples shards with replacement, so once a
+    # rank's shards fit, every batch after the first read of each shard is built from memory: no tar, hash,
+    # np.load or normalization again (benchmarks/bench_loader.py). The batches are bit-identical either way.
+    cache_mb: int = 2048
 
     def validate(self) -> None:
         check(len(self.weights) > 0, "weights", "needs at least one domain")
@@ -112,6 +124,7 @@ class DataConfig:
             f"must be 0 or divide data.lanes={self.lanes}, got {self.workers}",
         )
         check(self.prefetch >= 1, "prefetch", f"must be >= 1, got {self.prefetch}")
+        check(self.cache_mb >= 0, "cache_mb", f"must be >= 0 (0 = off), got {self.cache_mb}")
         check(not _pipe_refused(self), "urls", _PIPE_REFUSED.format(self.urls))
 
 
@@ -257,26 +270,57 @@ def _rng(*key: int) -> np.random.Generator:
     return np.random.default_rng(list(key))
 
 
+def _as_dtype(z: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    """`z` in `dtype`; torch rounds float32 -> float16 vectorized (numpy's cast is several times slower)."""
+    return torch.from_numpy(z).to(dtype).numpy()
+
+
 def _stacked(frames: list[np.ndarray], dtype: torch.dtype) -> torch.Tensor:
-    """The float32 frames stacked into one tensor [B, ...] of `dtype`. In a DataLoader worker it is allocated in
+    """The frames (already of `dtype`) stacked into one tensor [B, ...]. In a DataLoader worker it is allocated in
     shared memory from the start: DataLoader would otherwise copy every batch into shared memory to send it."""
     out = torch.empty((len(frames), *frames[0].shape), dtype=dtype)
     if get_worker_info() is not None:
         out.share_memory_()
-    if dtype == torch.float32:
-        np.stack(frames, out=out.numpy())
-    else:  # torch rounds float32 -> float16 vectorized (numpy's cast is several times slower)
-        out.copy_(torch.from_numpy(np.stack(frames)))
+    np.stack(frames, out=out.numpy())
     return out
 
 
 def _batch(windows_items: list[tuple[np.ndarray, int]], domain_B: np.ndarray, dtype: torch.dtype = torch.float32) -> dict:
-    """Stack B items (window z_TCXYZ, t) into z_in / z_out [B, C, X, Y, Z] tensors of `dtype`."""
+    """Stack B items (window z_TCXYZ of `dtype`, t) into z_in / z_out [B, C, X, Y, Z] tensors."""
     return {
         "z_in": _stacked([z[t] for z, t in windows_items], dtype),
         "z_out": _stacked([z[t + 1] for z, t in windows_items], dtype),
         "domain": torch.as_tensor(domain_B, dtype=torch.int64),
     }
+
+
+class _ShardCache:
+    """One loader process's decoded shards: normalized windows in the batch dtype, least recently used out first.
+
+    Only a shard read whole without a skipped sample is kept, so a hit returns exactly what a re-read would (and
+    a transient failure under on_error="skip" is retried, not remembered). A shard larger than the budget is
+    never kept. Per process: every DataLoader worker keeps its own.
+    """
+
+    def __init__(self, source: _Source, max_bytes: int, dtype: torch.dtype):
+        self.source, self.max_bytes, self.dtype = source, max_bytes, dtype
+        self._held: OrderedDict[str, list[np.ndarray]] = OrderedDict()
+        self.bytes = 0
+
+    def read(self, shard: _Shard) -> tuple[list[np.ndarray], int]:
+        held = self._held.get(shard.url)
+        if held is not None:
+            self._held.move_to_end(shard.url)
+            return held, 0
+        windows, skipped = self.source.read(shard)
+        windows = [_as_dtype(z, self.dtype) for z in windows]
+        size = sum(z.nbytes for z in windows)
+        if skipped == 0 and 0 < size <= self.max_bytes:
+            while self.bytes + size > self.max_bytes:
+                self.bytes -= sum(z.nbytes for z in self._held.popitem(last=False)[1])
+            self._held[shard.url] = windows
+            self.bytes += size
+        return windows, skipped
 
 
 @dataclass(frozen=True)
@@ -292,13 +336,14 @@ class _Plan:
     batch_size: int
     round_items: int  # pairs per shuffle round of one (lane, domain)
     batch_dtype: torch.dtype  # of z_in / z_out
+    cache_bytes: int  # _ShardCache budget per loader process
 
 
 class _Rounds:
     """One (lane, domain) item source: shuffled rounds of resampled shards; state (round, offset)."""
 
-    def __init__(self, plan: _Plan, lane: int, d: int, round_: int, offset: int):
-        self.plan, self.lane, self.d = plan, lane, d
+    def __init__(self, plan: _Plan, cache: _ShardCache, lane: int, d: int, round_: int, offset: int):
+        self.plan, self.cache, self.lane, self.d = plan, cache, lane, d
         self.round, self.offset = round_, offset
         self.skipped = 0
         # Restored mid-round (offset > 0): the round's skips were counted before the save.
@@ -318,7 +363,7 @@ class _Rounds:
                     f"domain '{plan.source.domains[self.d]}': no readable pairs in {draws - 1} shard reads "
                     f"(every sample skipped?)"
                 )
-            got, skipped = plan.source.read(shards[int(rng.integers(len(shards)))])
+            got, skipped = self.cache.read(shards[int(rng.integers(len(shards)))])
             self.skipped += skipped if self._recount else 0
             windows += got
             n_pairs += sum(z.shape[0] - 1 for z in got)
@@ -340,10 +385,10 @@ class _Rounds:
 class _Lane:
     """One sub-stream of fixed-size batches; batch j of the lane is a pure function of the plan."""
 
-    def __init__(self, plan: _Plan, state: dict):
+    def __init__(self, plan: _Plan, cache: _ShardCache, state: dict):
         self.plan, self.lane, self.batch = plan, state["lane"], state["batch"]
         self.skipped_before = state["skipped"]
-        self.rounds = [_Rounds(plan, self.lane, d, q, o) for d, (q, o) in enumerate(state["rounds"])]
+        self.rounds = [_Rounds(plan, cache, self.lane, d, q, o) for d, (q, o) in enumerate(state["rounds"])]
 
     def state(self) -> dict:
         return {
@@ -376,17 +421,19 @@ class _LaneBatches(IterableDataset):
     lanes, each worker always serves the same lanes and keeps their readers open.
     """
 
-    def __init__(self, plan: _Plan, start: int, lane_states: list[dict]):
-        self.plan, self.start, self.lane_states = plan, start, lane_states
+    def __init__(self, plan: _Plan, start: int, lane_states: list[dict], cache: _ShardCache | None = None):
+        # cache: the in-process stream's own, kept across iterators; a worker makes its own (None here).
+        self.plan, self.start, self.lane_states, self.cache = plan, start, lane_states, cache
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         lanes: dict[int, _Lane] = {}
+        cache = self.cache or _ShardCache(self.plan.source, self.plan.cache_bytes, self.plan.batch_dtype)
         for b in itertools.count(self.start + worker, workers):
             lane_id = b % self.plan.lanes
             if lane_id not in lanes:
-                lanes[lane_id] = _Lane(self.plan, self.lane_states[lane_id])
+                lanes[lane_id] = _Lane(self.plan, cache, self.lane_states[lane_id])
             lane = lanes[lane_id]
             assert lane.batch == b // self.plan.lanes, "lane out of step with the batch index"
             try:
@@ -463,10 +510,11 @@ class LatentStream:
         self._plan = _Plan(
             source=source, shards=tuple(per_rank), probs=probs, seed=seed, rank=rank, lanes=cfg.lanes,
             batch_size=batch_size, round_items=max(1, cfg.shuffle_buffer // (cfg.lanes * active)),
-            batch_dtype=getattr(torch, cfg.batch_dtype),
+            batch_dtype=getattr(torch, cfg.batch_dtype), cache_bytes=cfg.cache_mb * 2**20,
         )
         self._batches = 0
         self._lane_states = [_fresh_lane_state(lane, len(self.domains)) for lane in range(cfg.lanes)]
+        self._cache = _ShardCache(source, self._plan.cache_bytes, self._plan.batch_dtype)  # used when workers=0
 
     @property
     def skipped(self) -> int:
@@ -474,12 +522,13 @@ class LatentStream:
         return sum(s["skipped"] for s in self._lane_states)
 
     def __iter__(self) -> Iterator[dict]:
-        dataset = _LaneBatches(self._plan, self._batches, [dict(s) for s in self._lane_states])
+        lane_states = [dict(s) for s in self._lane_states]
         if self.cfg.workers == 0:
-            batches: Iterator[dict] = iter(dataset)
+            batches: Iterator[dict] = iter(_LaneBatches(self._plan, self._batches, lane_states, self._cache))
         else:
-            batches = iter(DataLoader(dataset, batch_size=None, num_workers=self.cfg.workers,
-                                      prefetch_factor=self.cfg.prefetch))
+            workers = DataLoader(_LaneBatches(self._plan, self._batches, lane_states), batch_size=None,
+                                 num_workers=self.cfg.workers, prefetch_factor=self.cfg.prefetch)
+            batches = iter(workers)
         for batch in batches:
             if "data_error" in batch:
                 raise DataError(batch["data_error"])

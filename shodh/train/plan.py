@@ -33,6 +33,7 @@ from shodh.train.engine import check_layout, load_ds_config, param_groups
 
 GIB = 2**30
 FP32 = 4
+LOADER_RATE = 2700.0  # see Hardware.loader_rate
 # AdamW keeps exp_avg and exp_avg_sq (fp32, the master partition's shape) and a scalar `step` per group.
 ADAM_MOMENTS = 2
 
@@ -46,9 +47,10 @@ class Hardware:
     peak_flops: float = 989e12  # dense matmul FLOP/s per device in the training dtype (H100 SXM bf16)
     efficiency: float = 0.4  # assumed fraction of peak the model reaches (an assumption, not a measurement)
     bandwidth: float = 50e9  # bytes/s per rank for all-to-all and gradient reduction across ranks
-    # samples/s one loader worker delivers: default MEASURED by benchmarks/bench_loader.py (paper shapes, float16
-    # shards, 1 worker) on a 2-core CPU VM; a GPU node's cores differ: measure yours and pass --loader-rate.
-    loader_rate: float = 550.0
+    # samples/s one loader worker delivers once its shard cache is warm: default MEASURED by
+    # benchmarks/bench_loader.py (paper shapes, float16 shards and batches, 1 worker) on a 2-core CPU VM;
+    # a GPU node's cores differ: measure yours and pass --loader-rate.
+    loader_rate: float = LOADER_RATE
 
 
 @dataclass
@@ -249,8 +251,12 @@ def render(plan: Plan, cfg: RunConfig, hw: Hardware) -> str:
     s = plan.step_s
     lines.append(f"step time (estimate: {hw.efficiency:g} x {hw.peak_flops:.3g} FLOP/s, {hw.bandwidth:.3g} B/s, "
                  f"no overlap): {s['total']:.3f} s (compute {s['compute']:.3f}, communication {s['communication']:.3f})")
+    d = cfg.data
     lines.append(f"loader: {plan.samples_per_s_per_rank:,.0f} samples/s per rank (estimate) -> {plan.loader_workers} "
-                 f"worker(s) per rank at {hw.loader_rate:,.0f} samples/s each (--loader-rate); "
-                 + (f"data.workers={cfg.data.workers} is enough" if cfg.data.workers >= plan.loader_workers else
-                    f"data.workers={cfg.data.workers} is too few: the step would wait for data"))
+                 f"worker(s) per rank at {hw.loader_rate:,.0f} samples/s each (--loader-rate, warm shard cache); "
+                 + (f"data.workers={d.workers} is enough" if d.workers >= plan.loader_workers else
+                    f"data.workers={d.workers} is too few: the step would wait for data"))
+    lines.append(f"  shard cache: up to {d.cache_mb * max(1, d.workers):,} MiB host memory per rank (data.cache_mb "
+                 f"{d.cache_mb} x {max(1, d.workers)} loader process(es)); a rank's shards beyond it are decoded "
+                 "again on every draw")
     return "\n".join(lines)
