@@ -98,3 +98,5 @@ def test_decoded_validation_inside_pretraining_matches_evaluate(served_workspace
         assert f"val/{d}/latent_mse" in logged  # still from the loader's validation
         for key in ("vrmse", "decoded_mse", "ae_floor_vrmse", "divergence_max"):
             assert logged[f"val/{d}/{key}"] == pytest.approx(m[f"val/{d}/{key}"], rel=1e-5, abs=1e-12), (d, key)
+    # The decoded VRMSE against the step, plotted at the end (a PNG; MLflow gets the same file).
+    assert (run_dir / "plots" / "val_vrmse.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -6,8 +6,9 @@ the Trainer. Training never imports evaluation; the CLI composes the two.
   (plots/routing_nmi.png), also to the MLflow run's `plots/` (MoE runs only).
 - `DecodedValidation` (`eval.in_training`): at every validation, the val split's decoded one-step
   metrics (`val/<domain>/vrmse`, `decoded_mse`, `nrmse`, `spectrum_err*`, `divergence_*`, the
-  autoencoder floor) for the model as it is now. `val/<domain>/latent_mse` stays with the
-  Trainer's own validation, so each metric has one source.
+  autoencoder floor) for the model as it is now, and at the end their VRMSE against the step
+  (plots/val_vrmse.png, also in MLflow). `val/<domain>/latent_mse` stays with the Trainer's own
+  validation, so each metric has one source.
 """
 
 from __future__ import annotations
@@ -67,6 +68,12 @@ class DecodedValidation(Callback):
         finally:
             model.train(was_training)
         return {k: v for k, v in metrics.items() if not k.endswith("/latent_mse")}
+
+    def on_end(self, trainer: Trainer, step: int) -> None:
+        if trainer.info.is_main and self._ready is not None:
+            path = plots.vrmse_curves(trainer.run_dir / "metrics.jsonl", self._ready[2],
+                                      trainer.run_dir / "plots" / "val_vrmse.png")
+            trainer.tracker.log_artifact(path, "plots")
 
 
 def training_callbacks(cfg: RunConfig, root: Path) -> list[Callback]:

@@ -61,6 +61,24 @@ def mse_curves(metrics_jsonl: Path, domains: list[str], path: Path) -> Path:
     return _save(fig, path)
 
 
+def vrmse_curves(metrics_jsonl: Path, domains: list[str], path: Path) -> Path:
+    """val/<domain>/vrmse (the prediction decoded) and the autoencoder floor against the training step."""
+    names = [f"val/{d}/{m}" for d in domains for m in ("vrmse", "ae_floor_vrmse")]
+    series = _series(metrics_jsonl, names)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, d in enumerate(domains):
+        color = f"C{i}"
+        if f"val/{d}/vrmse" in series:
+            ax.plot(*zip(*series[f"val/{d}/vrmse"]), marker="o", ms=3, color=color, label=f"{d}: one-step prediction")
+        if f"val/{d}/ae_floor_vrmse" in series:
+            ax.plot(*zip(*series[f"val/{d}/ae_floor_vrmse"]), ls="--", color=color, label=f"{d}: autoencoder floor")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("decoded VRMSE (val)")
+    ax.legend(fontsize=8)
+    ax.set_title("decoded one-step VRMSE per domain")
+    return _save(fig, path)
+
+
 def routing_nmi(metrics_jsonl: Path, layers: list[int], path: Path) -> Path:
     """route/layer<l>/domain_mi (NMI of domain and expert) and route/layer<l>/purity against the step."""
     names = [f"route/layer{l}/{m}" for l in layers for m in ("domain_mi", "purity")]
