@@ -186,3 +186,28 @@ def init_process_group(info: DistInfo, device, always: bool = False) -> DistInfo
     dist.init_process_group("nccl" if getattr(device, "type", device) == "cuda" else "gloo",
                             rank=info.rank, world_size=info.world_size)
     return info
+
+
+def unlink_deepspeed_shm() -> None:
+    """Give DeepSpeed's CPU all-reduce segments back to the system when the processes end.
+
+    DeepSpeed's CPU communication op (deepspeed/ops/csrc/cpu/comm/shm.cpp) maps one /dev/shm segment per
+    rank, `deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>` (69 MB), when all ranks are
+    on one machine, and never unlinks it: every CPU launch left world_size x 69 MB of RAM-backed tmpfs
+    behind, finished or killed, until the machine ran out of memory. Called on every rank after
+    `deepspeed.initialize`: a barrier (every rank has mapped every segment by then), then each rank
+    unlinks its own name. The mappings stay valid, and the memory is freed when the last process using
+    it exits, however it exits.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    try:
+        os.unlink(os.path.join("/dev/shm", name))
+    except FileNotFoundError:  # GPU backends, ranks on several machines, or already unlinked
+        pass
+

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from shodh.distributed import DistInfo
+from shodh.distributed import DistInfo, unlink_deepspeed_shm
 from shodh.errors import ConfigError
 from shodh.model import params
 from shodh.model.config import ModelConfig
@@ -126,6 +126,7 @@ def build_engine(model_cfg: ModelConfig, train: TrainConfig, layout: Layout, ds_
         i + lr_offset, train.warmup_steps, train.max_steps, train.min_lr_ratio))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
+    unlink_deepspeed_shm()
     if model_cfg.kind == "moe" and layout.world_size > 1:
         ep_rank = groups._get_expert_parallel_rank(f"ep_size_{model_cfg.ep_size}")
         assert ep_rank == layout.ep_rank, f"DeepSpeed put rank {layout.rank} at ep rank {ep_rank}, expected {layout.ep_rank}"
