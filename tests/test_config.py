@@ -12,6 +12,20 @@ def test_shipped_profiles_load_and_validate():
     assert grids == {"smoke": 32, "demo": 64, "paper": 128}
 
 
+def test_routers_profile_is_the_demo_with_more_trajectories_and_steps():
+    """The router study's profile may differ from the demo only where README's Stage 6 says it does."""
+    import dataclasses
+
+    demo, routers = load_config("demo"), load_config("routers")
+    assert (routers.sim.trajectories.train, routers.sim.trajectories.val, routers.sim.trajectories.test) == (12, 2, 4)
+    assert (routers.train.max_steps, routers.train.ckpt_every, routers.train.val_every) == (960, 240, 240)
+    same = dataclasses.replace(
+        routers, profile=demo.profile, sim=dataclasses.replace(routers.sim, trajectories=demo.sim.trajectories),
+        train=dataclasses.replace(routers.train, max_steps=demo.train.max_steps, ckpt_every=demo.train.ckpt_every,
+                                  val_every=demo.train.val_every))
+    assert same == demo
+
+
 def test_precedence_defaults_yaml_overrides():
     default = RunConfig()
     cfg = load_config("smoke", ["sim.porous.nu=0.2", "sim.trajectories.val=3"])
