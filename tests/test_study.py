@@ -257,3 +257,17 @@ def test_separate_launch_reproduces_the_sequential_arm(study):
                  "--arms", "moe_oracle", "--seed-index", "0"]) == 0
     alone = json.loads((root / "runs" / "shodh" / "alone-moe_oracle-s0" / "eval" / "summary.json").read_text())
     assert alone["per_sample"] == _summary(root, "moe_oracle")["per_sample"]
+
+
+def test_routing_table_is_one_seeds_and_nmi_the_mean():
+    """Seeds settle domains on different experts: the table must not average them into uniform routing."""
+    from shodh.study.report import _routing
+
+    def summary(channel_expert: int, nmi: float) -> dict:
+        m = {f"route/channel/layer1/expert{e}": float(e == channel_expert) for e in range(2)}
+        m |= {f"route/porous/layer1/expert{e}": float(e != channel_expert) for e in range(2)}
+        return {"metrics": {**m, "route/layer1/domain_mi": nmi}}
+
+    r = _routing([summary(0, 1.0), summary(1, 0.8)])["layer1"]
+    assert r["p_expert_given_domain"] == {"channel": [1.0, 0.0], "porous": [0.0, 1.0]}  # not [0.5, 0.5]
+    assert r["nmi"] == pytest.approx(0.9) and r["nmi_per_seed"] == [1.0, 0.8]
