@@ -210,4 +210,3 @@ def unlink_deepspeed_shm() -> None:
         os.unlink(os.path.join("/dev/shm", name))
     except FileNotFoundError:  # GPU backends, ranks on several machines, or already unlinked
         pass
-

@@ -33,7 +33,6 @@ from shodh.train.engine import check_layout, load_ds_config, param_groups
 
 GIB = 2**30
 FP32 = 4
-LOADER_RATE = 2700.0  # see Hardware.loader_rate
 # AdamW keeps exp_avg and exp_avg_sq (fp32, the master partition's shape) and a scalar `step` per group.
 ADAM_MOMENTS = 2
 
@@ -50,7 +49,7 @@ class Hardware:
     # samples/s one loader worker delivers once its shard cache is warm: default MEASURED by
     # benchmarks/bench_loader.py (paper shapes, float16 shards and batches, 1 worker) on a 2-core CPU VM;
     # a GPU node's cores differ: measure yours and pass --loader-rate.
-    loader_rate: float = LOADER_RATE
+    loader_rate: float = 2700.0
 
 
 @dataclass
