@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from shodh.config import load_config
-from shodh.data.loader import DataConfig, LatentStream, _Shard, _source, latent_dir, read_manifest
+from shodh.data.loader import DataConfig, LatentStream, _source, _split_shards, latent_dir, read_manifest
 from shodh.io import AtomicShardWriter, write_json_atomic
 from shodh.train.plan import Hardware, make_plan
 
@@ -71,8 +71,7 @@ def decode_ms_per_sample(root: Path, cfg: DataConfig, repeats: int = 3) -> float
     """Median over repeats of (read + hash + decode + check + normalize every shard) / pairs."""
     manifest = read_manifest(root, TOK)
     source = _source(manifest, cfg, TOK)
-    shards = [_Shard(f"{latent_dir(root, TOK)}/{s['path']}", s["domain"], s["samples"], s["split"], s["trajectory"],
-                     s["sha256"]) for s in manifest["shards"]]
+    shards = _split_shards(manifest, cfg, root, TOK, "train")  # every shard build() wrote
     times = []
     for _ in range(repeats):
         t = time.perf_counter()

@@ -255,7 +255,7 @@ def render(plan: Plan, cfg: RunConfig, hw: Hardware) -> str:
                  f"worker(s) per rank at {hw.loader_rate:,.0f} samples/s each (--loader-rate, warm shard cache); "
                  + (f"data.workers={d.workers} is enough" if d.workers >= plan.loader_workers else
                     f"data.workers={d.workers} is too few: the step would wait for data"))
-    lines.append(f"  shard cache: up to {d.cache_mb * max(1, d.workers):,} MiB host memory per rank (data.cache_mb "
-                 f"{d.cache_mb} x {max(1, d.workers)} loader process(es)); a rank's shards beyond it are decoded "
-                 "again on every draw")
+    procs = max(1, d.workers)  # workers=0: the training process itself reads (and caches)
+    lines.append(f"  shard cache: up to {d.cache_mb * procs:,} MiB host memory per rank (data.cache_mb {d.cache_mb} x "
+                 f"{procs} loader process(es)); a rank's shards beyond it are decoded again on every draw")
     return "\n".join(lines)
