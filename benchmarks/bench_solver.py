@@ -1,13 +1,15 @@
 #!/usr/bin/env python
-"""Solver step time vs the FFTs it is made of (a pseudo-spectral step is bounded by its FFTs).
+"""Solver step time against the FFTs it does (a pseudo-spectral step should cost its FFTs).
 
-    python benchmarks/bench_solver.py [--grids 32 64] [--repeats 20] [--threads 2]
+    python benchmarks/bench_solver.py [--grids 32 64] [--steps 20] [--threads 2]
 
-Per grid: median wall time of one channel step (mirror + penalization) and one porous step,
-and of one forward + inverse real FFT of a scalar N^3 field, measured in the same run. A step
-does 3 RK stages x 9 scalar FFTs (u, curl u, u x curl u) + 6 for penalization and projection
-= 33 scalar FFTs = 16.5 forward/inverse pairs, so `step / pair` near 16.5 means the step costs
-its FFTs and little else.
+Per grid and domain, in float32 at the demo's settings: the median wall time of one step, the
+scalar N^3 FFTs the step did (counted by the solver: 4.5 forward/inverse pairs per Runge–Kutta
+stage, 3 per conjugate-gradient iteration of the penalization solve), and the median time of
+one forward + inverse real FFT of a scalar N^3 field measured in the same run. `step / FFT work`
+= step time / (pairs x pair time): 1.0 means the step is nothing but its FFTs.
+Each domain is spun up first (channel from its initial profile, porous from rest) so that the
+penalization solve sees the velocity changes of a running simulation, not a start from zero.
 """
 
 from __future__ import annotations
@@ -22,9 +24,8 @@ import torch
 
 from shodh.fields.spectral import SpectralGrid
 from shodh.physics import domains
+from shodh.physics.simulate import SimConfig
 from shodh.physics.solver import NavierStokes
-
-FFT_PAIRS_PER_STEP = 16.5
 
 
 def median_time(fn, repeats: int) -> float:
@@ -37,39 +38,53 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench(n: int, repeats: int) -> dict:
+def solvers(n: int) -> dict[str, tuple[NavierStokes, float]]:
+    """(solver after a short spin-up, max_dt) per domain, at the default configs."""
+    sim = SimConfig(grid=n)
+    grid = SpectralGrid(n, dtype=torch.float32)
+    channel, geo = domains.channel_solver(sim.channel, grid, sim.eta)
+    channel.set_velocity(domains.channel_initial(sim.channel, grid, geo, seed=0))
+    packing = domains.sphere_packing(sim.porous, grid, np.random.default_rng(0))
+    porous = NavierStokes(grid, sim.porous.nu, domains.porous_forcing(sim.porous, 0.0), chi_XYZ=packing["chi"], eta=sim.eta)
+    out = {"channel": (channel, sim.channel.max_dt), "porous": (porous, sim.porous.max_dt)}
+    for solver, max_dt in out.values():
+        solver.advance(20 * max_dt, cfl=sim.cfl, max_dt=max_dt)
+    return out
+
+
+def bench(n: int, steps: int) -> list[dict]:
     grid = SpectralGrid(n, dtype=torch.float32)
     field = torch.randn(n, n, n)
-    pair = median_time(lambda: grid.ifft(grid.fft(field)), repeats * 3)
-    channel, geo = domains.channel_solver(domains.ChannelConfig(), grid, eta=1e-3)
-    channel.set_velocity(domains.channel_initial(domains.ChannelConfig(), grid, geo, seed=0))
-    step_channel = median_time(lambda: channel.step(1e-3), repeats)
-    packing = domains.sphere_packing(domains.PorousConfig(), grid, np.random.default_rng(0))
-    porous = NavierStokes(grid, 0.1, domains.porous_forcing(domains.PorousConfig(), 0.0), chi_XYZ=packing["chi"])
-    step_porous = median_time(lambda: porous.step(1e-3), repeats)
-    return {
-        "grid": n, "fft_pair_ms": pair * 1e3, "channel_step_ms": step_channel * 1e3,
-        "porous_step_ms": step_porous * 1e3, "channel_step_per_fft_pair": step_channel / pair,
-        "porous_step_per_fft_pair": step_porous / pair, "fft_pairs_per_step": FFT_PAIRS_PER_STEP,
-    }
+    pair = median_time(lambda: grid.ifft(grid.fft(field)), steps * 3)
+    rows = []
+    for domain, (solver, max_dt) in solvers(n).items():
+        dt = solver.stable_dt(SimConfig().cfl, max_dt)
+        transforms, iters = solver.block.transforms, solver.cg_iterations
+        step = median_time(lambda: solver.step(dt), steps)
+        pairs = (solver.block.transforms - transforms) / (steps + 1) / 2
+        rows.append({
+            "grid": n, "domain": domain, "dt": dt, "step_ms": step * 1e3, "fft_pair_ms": pair * 1e3,
+            "fft_pairs_per_step": pairs, "cg_iterations_per_step": (solver.cg_iterations - iters) / (steps + 1),
+            "step_over_fft_work": step / (pairs * pair),
+        })
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--grids", type=int, nargs="+", default=[32, 64])
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = [bench(n, args.repeats) for n in args.grids]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, medians of {args.repeats}")
-    print("| grid | FFT pair (ms) | channel step (ms) | porous step (ms) | channel step / pair | porous step / pair "
-          "| FFT pairs per step |")
+    rows = [row for n in args.grids for row in bench(n, args.steps)]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, medians of {args.steps} steps")
+    print("| grid | domain | step (ms) | FFT pairs per step | CG iterations per step | FFT pair (ms) | step / FFT work |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['grid']}^3 | {r['fft_pair_ms']:.2f} | {r['channel_step_ms']:.1f} | {r['porous_step_ms']:.1f} | "
-              f"{r['channel_step_per_fft_pair']:.1f} | {r['porous_step_per_fft_pair']:.1f} | {r['fft_pairs_per_step']} |")
+        print(f"| {r['grid']}^3 | {r['domain']} | {r['step_ms']:.1f} | {r['fft_pairs_per_step']:.1f} | "
+              f"{r['cg_iterations_per_step']:.1f} | {r['fft_pair_ms']:.2f} | {r['step_over_fft_work']:.2f} |")
     print(json.dumps(rows))
 
 

@@ -114,6 +114,23 @@ def test_other_config_refused_unless_overwrite(smoke_root, tmp_path):
     assert not (root / "raw" / "train" / "channel-000000.tar").exists()
 
 
+def test_data_of_an_older_solver_is_refused_naming_both_versions(smoke_root, tmp_path):
+    root = tmp_path / "old"
+    shutil.copytree(smoke_root, root)
+    manifest_path = root / "raw" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    old = "shodh-ns-1 (pseudo-spectral, IF-SSP-RK3, 2/3 dealiasing, split Brinkman)"
+    manifest["generator"]["solver"] = old
+    manifest_path.write_text(json.dumps(manifest))
+    for verb in (["simulate"], ["train-tokenizer"]):
+        proc = shodh(*verb, "--profile", "smoke", "--root", str(root), check=False)
+        assert proc.returncode == 2, proc.stderr
+        assert old in proc.stderr and simulate.SOLVER_VERSION in proc.stderr and "--overwrite" in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+    frame_meta = next(iter_shard(root / "raw" / manifest["shards"][0]["path"]))["meta.json"]
+    assert frame_meta["solver"] == simulate.SOLVER_VERSION  # every frame names its solver too
+
+
 def test_crash_mid_trajectory_leaves_no_partial_shard(tmp_path, monkeypatch):
     cfg = load_config("smoke", ["sim.domains=[porous]", "sim.trajectories.train=1", "sim.trajectories.val=0",
                                 "sim.trajectories.test=0", "sim.porous.spinup_time=0.5"]).sim

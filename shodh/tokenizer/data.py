@@ -17,6 +17,7 @@ import torch
 
 from shodh.errors import ConfigError, DataError
 from shodh.io import check_manifest_shards, iter_shard, read_json
+from shodh.physics.simulate import check_solver
 from shodh.workspace import raw_dir, raw_manifest_path
 
 RAW_REMEDY = "re-run `shodh simulate` (it regenerates shards that differ from their record)"
@@ -35,6 +36,7 @@ def load_raw_manifest(root: Path, grid: int | None = None) -> dict:
         if key not in manifest:
             raise DataError(f"{path}: missing key '{key}'")
     check_manifest_shards(manifest["shards"], str(path), RAW_REMEDY)
+    check_solver(manifest, path, remedy="regenerate it with `shodh simulate --overwrite`")
     if grid is not None and manifest["grid"] != grid:
         raise ConfigError(f"sim.grid: is {grid} but the raw data in {path} has grid {manifest['grid']}; "
                           f"pass sim.grid={manifest['grid']} or the matching --profile")
