@@ -304,7 +304,7 @@ def generate_trajectory(sim: SimConfig, traj: Trajectory, root: Path, sha: str,
         "config_sha": sha, "path": str(path.relative_to(raw_dir(root))), "split": traj.split,
         "domain": traj.domain, "trajectory": traj.index, "samples": writer.count, "sha256": writer.sha256,
         "voxels": int(u64.shape[1]) * writer.count, "sum": sums[0].tolist(), "sumsq": sums[1].tolist(),
-        "wall_s": round(time.perf_counter() - t0, 3), **extra,
+        "wall_s": round(time.perf_counter() - t0, 3), "cg_iterations": solver.cg_iterations, **extra,
     }
     write_json_atomic(part_path(root, traj), record)
     return record
