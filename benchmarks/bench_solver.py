@@ -6,8 +6,8 @@
 Per grid and domain, in float32 at the demo's settings: the median wall time of one step, the
 scalar N^3 FFTs the step did (counted by the solver: 4.5 forward/inverse pairs per Runge–Kutta
 stage, 3 per conjugate-gradient iteration of the penalization solve), and the median time of
-one forward + inverse real FFT of a scalar N^3 field measured in the same run. `step / FFT work`
-= step time / (pairs x pair time): 1.0 means the step is nothing but its FFTs.
+one forward + inverse real FFT of a scalar N^3 field, timed next to every step. `step / FFT work`
+= median over steps of step time / (pairs x pair time): 1.0 means the step is nothing but its FFTs.
 Each domain is spun up first (channel from its initial profile, porous from rest) so that the
 penalization solve sees the velocity changes of a running simulation, not a start from zero.
 """
@@ -28,16 +28,6 @@ from shodh.physics.simulate import SimConfig
 from shodh.physics.solver import NavierStokes
 
 
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up (plans, allocations)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def solvers(n: int) -> dict[str, tuple[NavierStokes, float]]:
     """(solver after a short spin-up, max_dt) per domain, at the default configs."""
     sim = SimConfig(grid=n)
@@ -55,17 +45,31 @@ def solvers(n: int) -> dict[str, tuple[NavierStokes, float]]:
 def bench(n: int, steps: int) -> list[dict]:
     grid = SpectralGrid(n, dtype=torch.float32)
     field = torch.randn(n, n, n)
-    pair = median_time(lambda: grid.ifft(grid.fft(field)), steps * 3)
+
+    def pair() -> float:
+        t0 = time.perf_counter()
+        grid.ifft(grid.fft(field))
+        return time.perf_counter() - t0
+
     rows = []
     for domain, (solver, max_dt) in solvers(n).items():
         dt = solver.stable_dt(SimConfig().cfl, max_dt)
+        solver.step(dt)  # warm-up: plans, buffers, the step's cached factors
         transforms, iters = solver.block.transforms, solver.cg_iterations
-        step = median_time(lambda: solver.step(dt), steps)
-        pairs = (solver.block.transforms - transforms) / (steps + 1) / 2
+        step_s, pair_s = [], []
+        # Interleaved: every step is timed next to three FFT pairs, so a noisy neighbour slows
+        # both sides of the ratio alike.
+        for _ in range(steps):
+            pair_s.append(statistics.median(pair() for _ in range(3)))
+            t0 = time.perf_counter()
+            solver.step(dt)
+            step_s.append(time.perf_counter() - t0)
+        pairs = (solver.block.transforms - transforms) / steps / 2
         rows.append({
-            "grid": n, "domain": domain, "dt": dt, "step_ms": step * 1e3, "fft_pair_ms": pair * 1e3,
-            "fft_pairs_per_step": pairs, "cg_iterations_per_step": (solver.cg_iterations - iters) / (steps + 1),
-            "step_over_fft_work": step / (pairs * pair),
+            "grid": n, "domain": domain, "dt": dt, "step_ms": statistics.median(step_s) * 1e3,
+            "fft_pair_ms": statistics.median(pair_s) * 1e3, "fft_pairs_per_step": pairs,
+            "cg_iterations_per_step": (solver.cg_iterations - iters) / steps,
+            "step_over_fft_work": statistics.median(s / (pairs * p) for s, p in zip(step_s, pair_s)),
         })
     return rows
 

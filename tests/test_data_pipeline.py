@@ -7,7 +7,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["sim.frames=2", "sim.trajectories.train=2", "sim.trajectories.val=0", "sim.trajectories.test=1",
-        "sim.channel.spinup_time=4.0", "sim.channel.settle_time=1.0", "sim.channel.decorrelation_time=1.0", "sim.porous.spinup_time=1.0",
+        "sim.channel.spinup_time=4.0", "sim.channel.settle_time=1.0", "sim.channel.decorrelation_time=1.0",
+        "sim.porous.spinup_time=1.0",
         "sim.threads=1"]
 
 

@@ -347,7 +347,8 @@ def test_end_to_end_two_simulated_domains_and_one_imported(tmp_path):
     root = tmp_path / "ws"
     common = ["--profile", "smoke", "--root", str(root), *eval_workspace.FAST]
     quick_sim = ["sim.trajectories.train=1", "sim.trajectories.val=1", "sim.trajectories.test=1", "sim.frames=4",
-                 "sim.channel.spinup_time=1", "sim.channel.settle_time=0.2", "sim.channel.decorrelation_time=0.2", "sim.channel.frame_interval=0.2",
+                 "sim.channel.spinup_time=1", "sim.channel.settle_time=0.2", "sim.channel.decorrelation_time=0.2",
+                 "sim.channel.frame_interval=0.2",
                  "sim.porous.spinup_time=0.2", "sim.porous.frame_interval=0.2", "sim.porous.porosity=[0.75, 0.8]"]
     assert main(["simulate", *common, *quick_sim]) == 0
     well = write_well(tmp_path / "toy.hdf5", solenoidal_frames(3, 4, seed=7))

@@ -94,6 +94,20 @@ def test_channel_wall_mask_is_mirror_symmetric_on_every_grid():
         assert torch.equal(chi, torch.roll(torch.flip(chi, [0]), 1, 0)), n  # chi(-z) = chi(z)
 
 
+def test_channel_state_stays_mirror_symmetric():
+    from shodh.physics.solver import mirror_z
+
+    cfg = domains.ChannelConfig()
+    grid = SpectralGrid(32, dtype=torch.float64)
+    solver, geo = domains.channel_solver(cfg, grid, eta=1e-3)
+    u0 = domains.channel_initial(cfg, grid, geo, seed=1)
+    assert float((u0 - mirror_z(u0)).abs().max()) > 1e-2  # the start is not symmetric ...
+    solver.set_velocity(u0)
+    solver.advance(1.0, cfl=0.6, max_dt=cfg.max_dt)
+    u = solver.velocity()
+    assert float((u - mirror_z(u)).abs().max()) < 1e-12 * float(u.abs().max())  # ... the state is
+
+
 def test_penalization_solve_removes_solid_velocity_with_divergence():
     grid = SpectralGrid(32, dtype=torch.float64)
     chi = (grid.x_CXYZ[2] < 1.0).double()

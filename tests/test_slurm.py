@@ -238,8 +238,9 @@ def test_bad_layout_or_profile_fails_the_job_before_srun(cluster, tmp_path):
 
 # A cheap channel-only smoke dataset: 4 trajectories of 2 frames after a 1 s spin-up, and a
 # 10-step tokenizer. The same overrides go to every stage (the data identity must agree).
-TINY = ["sim.domains=[channel]", "sim.frames=2", "sim.channel.spinup_time=1", "sim.channel.settle_time=0.2", "sim.channel.decorrelation_time=0.2",
-        "sim.channel.frame_interval=0.2", "tokenizer.steps=10", "tokenizer.checkpoint_every=5", "tokenizer.window=2"]
+TINY = ["sim.domains=[channel]", "sim.frames=2", "sim.channel.spinup_time=1", "sim.channel.settle_time=0.2",
+        "sim.channel.decorrelation_time=0.2", "sim.channel.frame_interval=0.2", "tokenizer.steps=10",
+        "tokenizer.checkpoint_every=5", "tokenizer.window=2"]
 
 
 def test_data_stages_array_merge_tokenizer_encode(cluster, tmp_path):

@@ -42,7 +42,8 @@ FAST = ["tracking.mlflow=false", "tokenizer.steps=100", "tokenizer.threads=1", "
 
 def _sim_overrides() -> list[str]:
     return ["sim.trajectories.train=2", "sim.trajectories.val=1", "sim.trajectories.test=1", "sim.frames=3",
-            "sim.channel.spinup_time=1.0", "sim.channel.settle_time=0.5", "sim.channel.decorrelation_time=0.5", "sim.porous.spinup_time=1.0",
+            "sim.channel.spinup_time=1.0", "sim.channel.settle_time=0.5", "sim.channel.decorrelation_time=0.5",
+            "sim.porous.spinup_time=1.0",
             "sim.threads=1"]
 
 

@@ -43,7 +43,8 @@ class ChannelConfig:
         check(self.re_tau > 0, "re_tau", f"must be > 0, got {self.re_tau}")
         check(self.u_tau > 0, "u_tau", f"must be > 0, got {self.u_tau}")
         check(0 < self.wall_fraction < 0.5, "wall_fraction", f"must be in (0, 0.5), got {self.wall_fraction}")
-        check(self.settle_time > 0, "settle_time", f"must be > 0 (the frames' grid needs a run of its own), got {self.settle_time}")
+        check(self.settle_time > 0, "settle_time",
+              f"must be > 0 (the frames' grid needs a run of its own), got {self.settle_time}")
         for name in ("spinup_time", "decorrelation_time", "perturbation"):
             check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
         check(self.spinup_grid >= 16, "spinup_grid", f"must be >= 16, got {self.spinup_grid}")

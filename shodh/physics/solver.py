@@ -120,17 +120,21 @@ class _Block:
             uh_CKKM[c].addcmul_(s, k, value=-1)
         return uh_CKKM
 
-    def curl(self, uh_CKKM: torch.Tensor) -> torch.Tensor:
-        ux, uy, uz = uh_CKKM
-        ikx, iky, ikz = self.ik
-        return torch.stack([iky * uz - ikz * uy, ikz * ux - ikx * uz, ikx * uy - iky * ux])
+    def with_curl(self, uh_CKKM: torch.Tensor) -> torch.Tensor:
+        """[û; i k × û]: the velocity and vorticity blocks stacked, [6, K, K, M]."""
+        out = uh_CKKM.new_empty((6, *uh_CKKM.shape[1:]))
+        out[:3] = uh_CKKM
+        ik = self.ik
+        for c in range(3):  # ω_c = i k_{c+1} û_{c+2} - i k_{c+2} û_{c+1} (indices mod 3)
+            a, b = (c + 1) % 3, (c + 2) % 3
+            torch.mul(ik[a], uh_CKKM[b], out=out[3 + c]).addcmul_(ik[b], uh_CKKM[a], value=-1)
+        return out
 
     def dot(self, a: torch.Tensor, b: torch.Tensor) -> float:
         """Real inner product over the full spectrum (Parseval, up to N^3): a mode 0 < kz stands
         for itself and its conjugate, the kz = 0 plane holds both of each pair."""
-        whole = torch.vdot(a.reshape(-1), b.reshape(-1))
-        plane = torch.vdot(a[..., 0].reshape(-1), b[..., 0].reshape(-1))
-        return float(2 * whole.real - plane.real)
+        whole = torch.vdot(a.reshape(-1), b.reshape(-1)).real.item()
+        return 2.0 * whole - torch.vdot(a[..., 0].reshape(-1), b[..., 0].reshape(-1)).real.item()
 
     def mirror(self, uh_CKKM: torch.Tensor) -> torch.Tensor:
         """Average with the z-mirror image: ĥ(kx, ky, kz) = ±conj ĥ(-kx, -ky, kz) (+ for u_x, u_y, - for u_z)."""
@@ -215,14 +219,17 @@ class NavierStokes:
     def _rhs(self, uh_CKKM: torch.Tensor, t: float, want_velocity: bool = False):
         """Dealiased, projected u × ω + f (block), and the physical u when asked."""
         b = self.block
-        uw_6XYZ = b.physical(torch.cat([uh_CKKM, b.curl(uh_CKKM)]))
-        (ux, uy, uz), (wx, wy, wz) = uw_6XYZ[:3], uw_6XYZ[3:]
-        cross = torch.stack([uy * wz - uz * wy, uz * wx - ux * wz, ux * wy - uy * wx])
+        uw_6XYZ = b.physical(b.with_curl(uh_CKKM))
+        u, w = uw_6XYZ[:3], uw_6XYZ[3:]
+        cross = torch.empty_like(u)
+        for c in range(3):  # (u × ω)_c = u_{c+1} ω_{c+2} - u_{c+2} ω_{c+1}
+            a, d = (c + 1) % 3, (c + 2) % 3
+            torch.mul(u[a], w[d], out=cross[c]).addcmul_(u[d], w[a], value=-1)
         nh = b.spectral(cross)
         # A uniform force is the mean mode only (unnormalized FFT: times N^3).
         nh[:, 0, 0, 0] += self.forcing(t).to(nh.device, self.grid.dtype) * self.grid.n**3
         b.project_(nh)
-        return (nh, uw_6XYZ[:3]) if want_velocity else nh
+        return (nh, u) if want_velocity else nh
 
     def _penalize(self, target: torch.Tensor, eta_over_phi: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Solve (eta/phi) u + P D[chi u] = (eta/phi) ũ for divergence-free, dealiased u (PCG).
@@ -311,7 +318,7 @@ class NavierStokes:
         t_end, steps = self.t + duration, 0
         while self.t < t_end - 1e-12 * max(1.0, abs(t_end)):
             remaining = t_end - self.t
-            stats = self.step(lambda speed: min(self.cfl_dt(speed, cfl, max_dt), remaining))
+            stats = self.step(lambda speed, remaining=remaining: min(self.cfl_dt(speed, cfl, max_dt), remaining))
             steps += 1
             if not torch.isfinite(self.uh_CKKM).all():
                 raise FloatingPointError(f"solver diverged at t={self.t:.4g} (dt={stats.dt:.3g}); lower cfl/max_dt")

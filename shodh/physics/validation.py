@@ -113,8 +113,9 @@ def sphere_array_drag(n: int, solid_fraction: float, nu: float = 0.1, eta: float
     vec = torch.tensor([force, 0.0, 0.0], dtype=torch.float64)
     solver = NavierStokes(grid, nu, lambda t: vec, chi_XYZ=chi, eta=eta)
     flux, steps = 0.0, 0
-    for steps in range(1, 1001):
+    while steps < 1000:
         solver.step(dt)
+        steps += 1
         new = float(solver.velocity()[0].double().mean())
         if abs(new - flux) < 1e-7 * abs(new):
             break
