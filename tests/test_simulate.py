@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +16,8 @@ from shodh.fields.spectral import divergence_stats
 from shodh.io import iter_shard, sha256_file
 from shodh.physics import simulate
 from shodh.workspace import SPLITS
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def shodh(*args, check=True):
@@ -196,3 +199,26 @@ def test_cli_unwritable_root(tmp_path):
     blocker.write_text("not a directory")
     proc = shodh("simulate", "--profile", "smoke", "--root", str(blocker / "sub"), check=False)
     assert proc.returncode == 2 and "not writable" in proc.stderr and str(blocker) in proc.stderr
+
+
+def test_channel_settle_record_and_physics_report_on_the_frames(smoke_root, tmp_path):
+    # The settle phase's record is the stationarity evidence the README quotes; the report
+    # reads it and the stored frames, and plots them.
+    record = json.loads((smoke_root / "raw" / "spinup" / "channel.json").read_text())
+    settle = record["settle"]
+    assert record["solver"] == simulate.SOLVER_VERSION and settle["grid"] == 32 and settle["steps"] > 0
+    assert len(settle["series"]["t"]) == len(settle["series"]["ub_plus"]) >= 5  # one sample per time unit
+    assert 5 < settle["ub_plus"] < 30 and settle["wall_stress_plus"] > 0
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import physics_report
+    finally:
+        sys.path.pop(0)
+    channel = physics_report.frames_profile(smoke_root)
+    assert channel["frames"] == 4 * 4 and channel["grid"] == 32
+    y_plus = channel["stats"]["profile"]["y_plus"]
+    assert y_plus[0] > 0 and abs(y_plus[-1] - 120.0) < 1e-6  # first fluid point .. the free surface at Re_tau
+    assert channel["check"]["ub_plus_correlation"] > 14
+    plot = tmp_path / "law.png"
+    physics_report.plot_channel(channel, plot)
+    assert plot.stat().st_size > 10_000

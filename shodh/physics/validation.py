@@ -117,7 +117,7 @@ def sphere_array_drag(n: int, solid_fraction: float, nu: float = 0.1, eta: float
         solver.step(dt)
         steps += 1
         new = float(solver.velocity()[0].double().mean())
-        if abs(new - flux) < 1e-7 * abs(new):
+        if abs(new - flux) < (1e-7 if dtype == torch.float64 else 1e-5) * abs(new):
             break
         flux = new
     k = force * length**3 / (6 * math.pi * nu * radius * new)
