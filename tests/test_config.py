@@ -95,6 +95,6 @@ def test_malformed_yaml_is_one_line_with_its_position(tmp_path):
 def test_solver_memory_is_checked_before_allocating():
     from shodh.physics.simulate import SimConfig, check_memory
 
-    with pytest.raises(ConfigError, match=r"sim.grid: 4096\^3 in float32 needs about 20480.0 GiB"):
+    with pytest.raises(ConfigError, match=r"sim.grid: 4096\^3 in float32 needs about 21760.0 GiB"):
         check_memory(SimConfig(grid=4096))
     check_memory(SimConfig(grid=32))
