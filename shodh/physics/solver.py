@@ -21,16 +21,18 @@ Scheme, per step of size h:
    for the divergence-free, dealiased u (D = 2/3 truncation) by preconditioned conjugate
    gradients (the operator is symmetric positive definite on that subspace, see `_penalize`).
    This is exponential-Euler with the penalization force taken at the new time: its fixed
-   points satisfy ν ∇²u + P[u × ω + f] - P D[χ u] / η = 0 exactly, i.e. a steady state (the
-   porous permeability, a sphere's drag) does not depend on the time step, and velocity in the
-   solid and divergence are removed together rather than one after the other. First order in
-   time for the stiff penalization (L-stable, any η, any h); the explicit part stays third order.
-   Warm-started from the previous state, it takes a few iterations per step.
+   points satisfy ν ∇²u + f - P D[χ u] / η = 0 exactly when advection is negligible, i.e. a
+   Stokes steady state (the porous permeability, a sphere's drag) does not depend on the time
+   step (with advection, its term enters the fixed point weighted by the integrating factors: a
+   small dt dependence, at low Reynolds number a negligible one). Velocity in the solid and
+   divergence are removed together rather than one after the other. First order in time for
+   the stiff penalization (L-stable, any η, any h); the explicit part stays third order.
+   Started from the linear extrapolation of the last two states, it takes a few iterations.
 3. Optional mirror symmetry in z (u_x, u_y even, u_z odd about z = 0 and z = L/2) enforced on
    the spectral coefficients (it makes z = L/2 a free-slip plane).
 
-Cost: 4.5 FFT pairs per RK stage (u and ω back to physical space, u × ω forward) plus 1.5 pairs
-per conjugate-gradient iteration. The CFL speed comes from the first stage's physical u, and the
+Cost: 4.5 FFT pairs per RK stage (u and ω back to physical space, u × ω forward) plus 3 pairs
+per conjugate-gradient iteration (p to physical space, χ p back). The CFL speed comes from the first stage's physical u, and the
 exponentials are cached per time step (CFL steps are quantized to max_dt · 2^(-j/8)).
 """
 
