@@ -239,8 +239,8 @@ class NavierStokes:
         Symmetric positive definite: eta/phi > 0 is diagonal in k and P D chi D P is a product
         of orthogonal projections and a non-negative multiplier. Preconditioner: diagonal
         eta/phi + mean(chi). Starts from the linear extrapolation of the last two states (the
-        current state on a first step). Stops at CG_MAX_ITERS whatever the residual (never seen
-        above 160, in float64 sphere arrays at dt = 5).
+        current state on a first step). Stops at CG_MAX_ITERS whatever the residual (the float64
+        sphere-array runs at dt = 5, the hardest case measured, average 80-150 per step).
         """
         b, chi = self.block, self.chi_XYZ
         rhs = eta_over_phi * target
