@@ -56,7 +56,7 @@ def frames_profile(root: Path) -> dict | None:
     for record in records:
         for sample in iter_shard(raw_dir(root) / record["path"], record):
             u = torch.from_numpy(sample["u.npy"]).double()
-            bulk, profile = validation._bulk_and_profile(u, geo, grid)
+            bulk, profile = validation.bulk_and_profile(u, geo, grid)
             profiles.append(profile / cfg.u_tau)
             bulks.append(bulk / cfg.u_tau)
     y, _ = domains.plane_profile(u, geo, grid)

@@ -296,10 +296,6 @@ class SpectralGrid:
         """Leray projection onto divergence-free fields: û - k (k·û) / |k|²."""
         return leray_project(uh_CXYH, self.k_CXYH, self.k2_safe_XYH)
 
-    def curl_hat(self, uh_CXYH: torch.Tensor) -> torch.Tensor:
-        """Spectral curl i k × û: [3, X, Y, H] -> same."""
-        return 1j * torch.stack(_cross_k(*self.k_CXYH, *uh_CXYH))
-
     def random_solenoidal(self, kmax: float, rms: float, generator: torch.Generator) -> torch.Tensor:
         """A random divergence-free field [3, N, N, N] with energy in |k| <= kmax, scaled to the given rms."""
         shape = self.k_CXYH.shape

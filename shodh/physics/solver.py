@@ -167,10 +167,8 @@ class NavierStokes:
         chi_XYZ: torch.Tensor | None = None,
         eta: float = 1e-3,
         mirror: bool = False,
-        cg_rtol: float | None = None,
     ):
         self.grid, self.nu, self.forcing, self.eta, self.mirror = grid, nu, forcing, eta, mirror
-        self.cg_rtol = cg_rtol if cg_rtol is not None else CG_RTOL[grid.dtype]
         self.block = _Block(grid)
         self.chi_XYZ = None if chi_XYZ is None else chi_XYZ.to(grid.device, grid.dtype)
         shape = (3, 2 * self.block.m - 1, 2 * self.block.m - 1, self.block.m)
@@ -257,7 +255,7 @@ class NavierStokes:
         p = z.clone()
         # Stop on the preconditioned residual (r·M⁻¹r, which CG computes anyway) relative to
         # the right-hand side's: one inner product per iteration fewer than on |r|.
-        tol2 = self.cg_rtol**2 * b.dot(rhs, precond * rhs)
+        tol2 = CG_RTOL[self.grid.dtype] ** 2 * b.dot(rhs, precond * rhs)
         rz, iters = b.dot(r, z), 0
         while rz > tol2 and iters < CG_MAX_ITERS:
             ap = apply(p)

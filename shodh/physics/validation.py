@@ -46,6 +46,23 @@ def projection_divergence(n: int = 32, steps: int = 5) -> dict:
     return divergence_stats(solver.velocity().double()[None], "spectral", grid.length)
 
 
+# Steady state: the superficial velocity changes by less than this between two checks.
+STEADY_RTOL = {torch.float64: 1e-7, torch.float32: 1e-5}
+
+
+def _steady_flux(solver: NavierStokes, advance, max_checks: int) -> tuple[float, int]:
+    """Call `advance()` until the superficial velocity (mean u_x over the box) has settled to
+    STEADY_RTOL; returns it and the number of calls (max_checks if it never settled)."""
+    flux = 0.0
+    for checks in range(1, max_checks + 1):
+        advance()
+        new = float(solver.velocity()[0].double().mean())
+        if abs(new - flux) < STEADY_RTOL[solver.grid.dtype] * abs(new):
+            return new, checks
+        flux = new
+    return new, max_checks
+
+
 def darcy(n: int = 32, nu: float = 0.1, forces=(1e-3, 2e-3), max_dt: float = 0.1, seed: int = 3,
           dtype: torch.dtype = torch.float64) -> dict:
     """Permeability K = nu q / f at two forcings (steady state) and the solid leak.
@@ -60,14 +77,8 @@ def darcy(n: int = 32, nu: float = 0.1, forces=(1e-3, 2e-3), max_dt: float = 0.1
     for force in forces:
         vec = torch.tensor([force, 0.0, 0.0], dtype=torch.float64)
         solver = NavierStokes(grid, nu, lambda t, vec=vec: vec, chi_XYZ=geo["chi"], eta=1e-3)
-        flux = 0.0
-        for _ in range(100):
-            solver.advance(2.0, cfl=0.5, max_dt=max_dt)
-            u = solver.velocity()
-            new = float(u[0].double().mean())
-            if abs(new - flux) < (1e-7 if dtype == torch.float64 else 1e-5) * abs(new):
-                break
-            flux = new
+        new, _ = _steady_flux(solver, lambda solver=solver: solver.advance(2.0, cfl=0.5, max_dt=max_dt), 100)
+        u = solver.velocity()
         perm.append(nu * new / force)
         times.append(solver.t)
         solid = geo["chi"] > 0.5
@@ -112,14 +123,7 @@ def sphere_array_drag(n: int, solid_fraction: float, nu: float = 0.1, eta: float
     force = 1e-4
     vec = torch.tensor([force, 0.0, 0.0], dtype=torch.float64)
     solver = NavierStokes(grid, nu, lambda t: vec, chi_XYZ=chi, eta=eta)
-    flux, steps = 0.0, 0
-    while steps < 1000:
-        solver.step(dt)
-        steps += 1
-        new = float(solver.velocity()[0].double().mean())
-        if abs(new - flux) < (1e-7 if dtype == torch.float64 else 1e-5) * abs(new):
-            break
-        flux = new
+    new, steps = _steady_flux(solver, lambda: solver.step(dt), 1000)
     k = force * length**3 / (6 * math.pi * nu * radius * new)
     ref = ZICK_HOMSY_SC.get(solid_fraction)
     return {"grid": n, "solid_fraction": solid_fraction, "mask_fraction": float(chi.mean()), "K": k,
@@ -127,7 +131,7 @@ def sphere_array_drag(n: int, solid_fraction: float, nu: float = 0.1, eta: float
             "cg_iterations_per_step": solver.cg_iterations / steps}
 
 
-def _bulk_and_profile(u_CXYZ: torch.Tensor, geo: dict, grid: SpectralGrid) -> tuple[float, np.ndarray]:
+def bulk_and_profile(u_CXYZ: torch.Tensor, geo: dict, grid: SpectralGrid) -> tuple[float, np.ndarray]:
     """Bulk velocity over the fluid height (each point stands for its cell; the surface point for
     half of one) and the plane-averaged profile from the first fluid point to the surface."""
     _, profile = domains.plane_profile(u_CXYZ, geo, grid)
@@ -156,7 +160,7 @@ def channel_statistics(solver: NavierStokes, cfg: domains.ChannelConfig, geo: di
         drag = (float(solver.drag_impulse_C[0]) - impulse) / (solver.t - t_start)  # per unit volume
         # drag * L^3 = wall force on both faces + G * slab volume (2 z_w L^2); per face, over u_tau^2:
         stress.append((drag * grid.length / 2 - geo["G"] * geo["half_wall"]) / u_tau**2)
-        bulk, profile = _bulk_and_profile(solver.velocity(), geo, grid)
+        bulk, profile = bulk_and_profile(solver.velocity(), geo, grid)
         times.append(solver.t)
         ub.append(bulk / u_tau)
         profiles.append(profile / u_tau)
