@@ -18,7 +18,8 @@ import time
 import torch
 
 from shodh.config import load_config
-from shodh.tokenizer.model import build_net, velocity
+from shodh.physics.solver import band_limit
+from shodh.tokenizer.model import build_net
 
 
 def _timed(fn, repeats: int, device: torch.device) -> float:
@@ -43,14 +44,14 @@ def _peak_mib(device: torch.device) -> float:
 def bench(profile: str, grid: int, batch: int, repeats: int, device: torch.device) -> dict:
     cfg = load_config(profile)
     torch.manual_seed(0)
-    net = build_net(cfg.tokenizer.architecture(), grid).to(device).eval()
+    net = build_net({**cfg.tokenizer.architecture(), "band": band_limit(grid)}, grid).to(device).eval()
     u = torch.randn(batch, 3, grid, grid, grid, device=device)
     mask = torch.zeros(batch, grid, grid, grid, device=device)
     z = net.encode(u, mask)
     encode_s = _timed(lambda: net.encode(u, mask), repeats, device)
     decode_s = _timed(lambda: net.decode(z[:1], mask[:1]), repeats, device)
     w = net.decode(z[:1], mask[:1]).double()
-    curl_s = _timed(lambda: velocity(w, cfg.tokenizer.operator), repeats, device)
+    curl_s = _timed(lambda: net.velocity(w), repeats, device)
     return {"grid": grid, "profile": profile, "operator": cfg.tokenizer.operator, "device": str(device),
             "threads": torch.get_num_threads(), "params": sum(p.numel() for p in net.parameters()),
             "encode_fields_per_s": batch / encode_s, "decode_net_s": decode_s, "fp64_curl_s": curl_s,

@@ -13,7 +13,8 @@ Prints JSON and markdown tables:
 - channel, when --root names a workspace whose `shodh simulate` ran the channel: the settle
   phase's record (raw/spinup/channel.json: U_b+, wall stress, drift over the last H/u_tau) and
   the mean profile of the stored frames against the law of the wall and the bulk correlation,
-  plotted to --plot.
+  plotted to --plot. With no frames stored yet, the settle window's own mean profile is judged
+  (the paper profile's check: `--channel-only --root <workspace of its spin-up>`).
 """
 
 from __future__ import annotations
@@ -42,9 +43,16 @@ def timed(fn, *args, **kwargs) -> dict:
 
 
 def frames_profile(root: Path) -> dict | None:
-    """u+ (y+) averaged over every stored channel frame of the workspace, with their U_b+."""
-    manifest = read_json(raw_manifest_path(root), "raw manifest")
+    """u+ (y+) averaged over every stored channel frame of the workspace, with their U_b+; a
+    workspace with the spin-up but no frames yet (the paper profile's channel check: the spin-up
+    alone is the long part) is judged on the settle phase's own window mean ("frames": 0)."""
     spin = read_json(spinup_paths(root, "channel")[1], "spin-up record")
+    base = {"settle": {k: v for k, v in spin["settle"].items() if k != "series"},
+            "settle_series": spin["settle"]["series"], "coarse": spin["coarse"], "grid": spin["settle"]["grid"]}
+    if not raw_manifest_path(root).exists():
+        stats = {k: spin["settle"][k] for k in ("re_tau", "ub_plus", "profile")}
+        return {**base, "frames": 0, "stats": stats, "check": validation.channel_against_references(stats)}
+    manifest = read_json(raw_manifest_path(root), "raw manifest")
     records = [r for r in manifest["shards"] if r["domain"] == "channel"]
     if not records:
         return None
@@ -62,8 +70,7 @@ def frames_profile(root: Path) -> dict | None:
     y, _ = domains.plane_profile(u, geo, grid)
     stats = {"re_tau": cfg.re_tau, "ub_plus": float(np.mean(bulks)),
              "profile": {"y_plus": (y * cfg.u_tau / geo["nu"]).tolist(), "u_plus": np.mean(profiles, axis=0).tolist()}}
-    return {"frames": len(bulks), "grid": grid.n, "settle": {k: v for k, v in spin["settle"].items() if k != "series"},
-            "settle_series": spin["settle"]["series"], "coarse": spin["coarse"], "stats": stats,
+    return {**base, "frames": len(bulks), "grid": grid.n, "stats": stats,
             "check": validation.channel_against_references(stats)}
 
 
@@ -79,7 +86,8 @@ def plot_channel(channel: dict, path: Path) -> None:
     yy = np.logspace(-0.5, np.log10(max(y.max(), 40)), 200)
     ax.plot(yy[yy < 12], yy[yy < 12], "k:", label="u+ = y+")
     ax.plot(yy[yy > 10], np.log(yy[yy > 10]) / 0.41 + 5.2, "k--", label="log law, κ = 0.41, B = 5.2")
-    ax.plot(y, u, "o-", color="C0", label=f"shodh {channel['grid']}³, {channel['frames']} frames")
+    source = f"{channel['frames']} frames" if channel["frames"] else "settle window"
+    ax.plot(y, u, "o-", color="C0", label=f"shodh {channel['grid']}³, {source}")
     ax.axvspan(30, 0.6 * stats["re_tau"], color="C2", alpha=0.12, label="checked band 30 ≤ y+ ≤ 0.6 Re_τ")
     ax.set_xscale("log")
     ax.set_xlabel("y+")
@@ -107,16 +115,31 @@ def plot_channel(channel: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def print_tables(report: dict, grids: list[int]) -> None:
+    print("\n| grid | permeability at max_dt 0.1 / 0.0125 | change | solid leak (rms \\|u\\| solid / fluid) |")
+    print("|---|---|---|---|")
+    for r in report["porous_dt_convergence"]:
+        print(f"| {r['grid']}³ | {r['permeability'][0]:.6f} / {r['permeability'][1]:.6f} | {100 * r['rel_change']:.4f} % | "
+              f"{r['solid_leak'][0]:.4f} / {r['solid_leak'][1]:.4f} |")
+    print("\n| solid fraction c | Zick & Homsy K | " + " | ".join(f"K at {n}³ (error)" for n in grids) + " |")
+    print("|---|---|" + "---|" * len(grids))
+    for c in SOLID_FRACTIONS:
+        rows = [r for r in report["sphere_arrays"] if r["solid_fraction"] == c]
+        print(f"| {c} | {validation.ZICK_HOMSY_SC[c]} | " +
+              " | ".join(f"{r['K']:.3f} ({100 * r['rel_error']:+.1f} %)" for r in rows) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=None, help="workspace whose channel frames to check")
     parser.add_argument("--grids", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--plot", type=Path, default=Path("docs/figures/channel-law-of-the-wall.png"))
+    parser.add_argument("--channel-only", action="store_true", help="only the --root workspace's channel check")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    report = {
+    report = {} if args.channel_only else {
         "taylor_green_float64": timed(validation.taylor_green),
         "projection_float32": timed(validation.projection_divergence),
         "darcy_linearity_float64": timed(validation.darcy),
@@ -129,25 +152,17 @@ def main() -> None:
             plot_channel(report["channel"], args.plot)
             report["channel"]["plot"] = str(args.plot)
     print(json.dumps(report, indent=1))
-    print("\n| grid | permeability at max_dt 0.1 / 0.0125 | change | solid leak (rms \\|u\\| solid / fluid) |")
-    print("|---|---|---|---|")
-    for r in report["porous_dt_convergence"]:
-        print(f"| {r['grid']}³ | {r['permeability'][0]:.6f} / {r['permeability'][1]:.6f} | {100 * r['rel_change']:.4f} % | "
-              f"{r['solid_leak'][0]:.4f} / {r['solid_leak'][1]:.4f} |")
-    print("\n| solid fraction c | Zick & Homsy K | " + " | ".join(f"K at {n}³ (error)" for n in args.grids) + " |")
-    print("|---|---|" + "---|" * len(args.grids))
-    for c in SOLID_FRACTIONS:
-        rows = [r for r in report["sphere_arrays"] if r["solid_fraction"] == c]
-        print(f"| {c} | {validation.ZICK_HOMSY_SC[c]} | " +
-              " | ".join(f"{r['K']:.3f} ({100 * r['rel_error']:+.1f} %)" for r in rows) + " |")
+    if not args.channel_only:
+        print_tables(report, args.grids)
     channel = report.get("channel")
     if channel:
         check, settle = channel["check"], channel["settle"]
-        print(f"\nchannel {channel['grid']}³, {channel['frames']} frames: U_b+ = {check['ub_plus']:.2f} vs "
+        source = f"{channel['frames']} frames" if channel["frames"] else "settle window mean, no frames stored"
+        print(f"\nchannel {channel['grid']}³, {source}: U_b+ = {check['ub_plus']:.2f} vs "
               f"{check['ub_plus_correlation']:.2f} ({100 * check['ub_rel_error']:+.1f} %); settle window "
               f"{settle['window']:.1f}: U_b+ {settle['ub_plus']:.2f}, drift {100 * settle['ub_drift']:+.2f} %, "
               f"wall stress {settle['wall_stress_plus']:.3f} u_tau^2")
-        print("| y+ | u+ (frames) | log law | error |")
+        print(f"| y+ | u+ ({'frames' if channel['frames'] else 'settle window'}) | log law | error |")
         print("|---|---|---|---|")
         y, u = channel["stats"]["profile"]["y_plus"], channel["stats"]["profile"]["u_plus"]
         law = validation.law_of_the_wall(np.array(y))

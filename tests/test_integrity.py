@@ -153,8 +153,7 @@ def _heldout(root: Path) -> None:
     manifest = load_raw_manifest(root, 16)
     net = build_net(load_config("smoke", FAST).tokenizer.architecture(), 16)
     # max_fields=1 uses one frame, and still reads its shard to the end to verify it
-    evaluate(net, Normalization.from_raw_stats(manifest["stats"]), "spectral", manifest, root, "val", 1,
-             torch.device("cpu"))
+    evaluate(net, Normalization.from_raw_stats(manifest["stats"]), manifest, root, "val", 1, torch.device("cpu"))
 
 
 def _audit(root: Path) -> None:

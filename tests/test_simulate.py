@@ -222,3 +222,9 @@ def test_channel_settle_record_and_physics_report_on_the_frames(smoke_root, tmp_
     plot = tmp_path / "law.png"
     physics_report.plot_channel(channel, plot)
     assert plot.stat().st_size > 10_000
+    # a workspace holding only the spin-up (the paper profile's check) is judged on the settle window
+    spun = tmp_path / "spun"
+    shutil.copytree(smoke_root / "raw" / "spinup", spun / "raw" / "spinup")
+    alone = physics_report.frames_profile(spun)
+    assert alone["frames"] == 0 and alone["grid"] == 32
+    assert alone["check"]["ub_plus"] == settle["ub_plus"] and alone["stats"]["profile"] == settle["profile"]

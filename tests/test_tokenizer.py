@@ -29,9 +29,10 @@ from shodh.fields.metrics import vrmse_BC
 from shodh.fields.normalization import Normalization
 from shodh.io import iter_shard, read_json, sha256_file
 from shodh.physics import simulate
+from shodh.physics.solver import band_limit
 from shodh.tokenizer import load_tokenizer
 from shodh.tokenizer.encode import windows
-from shodh.tokenizer.model import TokenizerNet, build_net, velocity
+from shodh.tokenizer.model import TokenizerNet, build_net, velocity, window_taper
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -116,7 +117,8 @@ def test_constant_mean_flow_is_representable():
     target = torch.tensor([0.7, -0.2, 0.05])
     with torch.no_grad():
         net.dec_out[-1].weight.zero_()
-        net.dec_out[-1].bias.copy_(target.repeat_interleave(net.p**3))  # unfold order is (c p q r)
+        # one window's features are (a e f c p q r): halves of each axis, then component-major
+        net.dec_out[-1].bias.copy_(target.repeat_interleave((2 * net.p) ** 3 // 8).repeat(8))
         w = net.decode(torch.randn(1, 4, 16, 16, 16), torch.zeros(1, 32, 32, 32))
     norm = Normalization.from_raw_stats({"channel": {"mean": [1.0, 0.0, 0.0], "std": [0.3, 0.1, 0.1]}})
     u = norm.denormalize(velocity(w.double(), "spectral"), "channel")
@@ -129,6 +131,85 @@ def test_constant_mean_flow_is_representable():
     # spectrally, mean + curl(Biot–Savart(w)) is the Leray projection of w: a solenoidal w comes back unchanged
     w_solenoidal = spectral.curl(torch.randn(1, 3, 32, 32, 32, dtype=torch.float64), "spectral") + 0.3
     assert torch.allclose(velocity(w_solenoidal, "spectral"), w_solenoidal, atol=1e-10)
+
+
+@pytest.mark.parametrize("grid", [16, 32, 48, 64])
+def test_decoder_windows_blend_into_a_partition_of_unity_centred_on_their_patch(grid):
+    """Each latent voxel's window covers [p j - p/2, p j + 3p/2) per axis with weights that
+    fall to sin²(π / 4p) at its edges, and the windows sum to 1 everywhere: no cell sits on a
+    seam between independently decoded patches."""
+    net = TokenizerNet(grid, channels=4, width=8, hidden=16, blocks=1)
+    p, k = net.p, 3 * (2 * net.p) ** 3
+    ones = net._overlap_add(torch.ones(1, 16, 16, 16, k) * net.taper_K)
+    assert torch.allclose(ones, torch.ones_like(ones), atol=1e-6)
+    one = torch.zeros(1, 16, 16, 16, k)
+    one[0, 5, 7, 9] = net.taper_K
+    field = net._overlap_add(one)[0, 0]
+    support = field.nonzero()
+    lo, hi = (torch.tensor([5, 7, 9]) * p - p // 2), (torch.tensor([5, 7, 9]) * p - p // 2 + 2 * p - 1)
+    assert torch.equal(support.min(0).values, lo) and torch.equal(support.max(0).values, hi)
+    taper = window_taper(p)
+    assert torch.allclose(taper + taper.roll(p), torch.ones(2 * p, dtype=torch.float64))
+    edge = float(field[lo[0], lo[1] + p, lo[2] + p])  # an edge cell of the window, mid-window on y and z
+    assert edge == pytest.approx(float(taper[0] * taper[p] ** 2), rel=1e-5)
+    assert float(taper[0]) == pytest.approx(math.sin(math.pi / (4 * p)) ** 2)  # 0.5 at p = 1, 0.04 at p = 4
+
+
+def test_decoder_is_equivariant_to_shifts_by_one_latent_voxel():
+    """Rolling latent and mask by one voxel rolls the decoded field by one patch (p cells)."""
+    torch.manual_seed(0)
+    net = TokenizerNet(32, channels=4, width=8, hidden=16, blocks=1)
+    z = torch.randn(1, 4, 16, 16, 16)
+    mask = (torch.rand(1, 32, 32, 32) > 0.8).float()
+    with torch.no_grad():
+        w = net.decode(z, mask)
+        w_shifted = net.decode(z.roll(3, dims=-1), mask.roll(3 * net.p, dims=-1))
+    assert torch.allclose(w_shifted, w.roll(3 * net.p, dims=-1), atol=1e-5)
+
+
+@pytest.mark.parametrize("operator", spectral.OPERATORS)
+def test_band_limited_decoder_puts_no_energy_past_the_band(operator):
+    """With band K the decoded field has no mode with |k_i| > K (the solver's 2/3 rule keeps
+    K = (N - 1) // 3) and stays divergence-free; without a band the decoder fills every mode."""
+    torch.manual_seed(0)
+    n = 32
+    w = torch.randn(1, 3, n, n, n, dtype=torch.float64)
+    outside = 1 - spectral.band_mask(n, band_limit(n))
+    for band, empty in ((band_limit(n), True), (None, False)):
+        net = TokenizerNet(n, channels=4, width=8, hidden=16, blocks=1, band=band, operator=operator)
+        u = net.velocity(w)
+        power_past = float((spectral.fft(u).abs() ** 2 * outside).sum() / (spectral.fft(u).abs() ** 2).sum())
+        assert (power_past < 1e-28) == empty, (band, power_past)
+        assert spectral.divergence_stats(u, operator)["rel_max"] <= 1e-12
+    # the spectral operator's one-transform-pair form is the curl of the Biot–Savart potential
+    for band in (None, 7):
+        assert torch.allclose(spectral.solenoidal_part(w, band=band),
+                              spectral.curl(spectral.biot_savart(w, band=band), "spectral"), atol=1e-12)
+
+
+def test_spectral_loss_is_zero_at_the_truth_and_asks_for_missing_small_scales():
+    from shodh.tokenizer.train import spectral_loss
+
+    torch.manual_seed(0)
+    truth = spectral.solenoidal(torch.randn(2, 3, 32, 32, 32), "spectral")
+    assert float(spectral_loss(truth, truth, 10)) == pytest.approx(0.0, abs=1e-10)
+    # a decoded field missing its k > 4 part: the loss is large and its gradient adds energy there
+    smooth = spectral.biot_savart(truth, band=4)
+    smooth = spectral.curl(smooth, "spectral").requires_grad_(True)
+    loss = spectral_loss(smooth, truth, 10)
+    assert float(loss.detach()) > 1.0
+    loss.backward()
+    stepped = smooth.detach() - 1e-3 * smooth.grad / smooth.grad.abs().max()
+    assert float(spectral_loss(stepped, truth, 10)) < float(loss.detach())
+
+
+def test_data_band_follows_the_data_source():
+    from shodh.tokenizer.data import data_band
+
+    simulated = {"grid": 64, "generator": {"solver": simulate.SOLVER_VERSION}}
+    assert data_band(simulated) == 21 == band_limit(64)
+    assert data_band({**simulated, "imported": ["well"]}) is None  # imported fields may fill every mode
+    assert data_band({"grid": 64, "imported": ["well"]}) is None
 
 
 def test_windows_cover_every_consecutive_pair_once():
@@ -154,7 +235,7 @@ def test_config_errors_name_the_field():
 def _initial_net(root: Path) -> TokenizerNet:
     cfg = load_config("smoke", [*_sim_overrides(), *FAST])
     torch.manual_seed(cfg.seed)  # train.py seeds the same way before building the network
-    return build_net(cfg.tokenizer.architecture(), 32)
+    return build_net({**cfg.tokenizer.architecture(), "band": band_limit(32)}, 32)
 
 
 def _val_frames(root: Path):
@@ -178,18 +259,22 @@ def test_training_lowers_reconstruction_error(trained_root):
         errors["trained"].append(float(vrmse_BC(decoded, u.double()).mean()))
         with torch.no_grad():
             w = initial.decode(initial.encode(tok.norm.normalize(u, domain), mask), mask)
-        start = tok.norm.denormalize(velocity(w.double(), tok.operator), domain)
+        start = tok.norm.denormalize(initial.velocity(w.double()), domain)
         errors["initial"].append(float(vrmse_BC(start, u.double()).mean()))
     assert np.mean(errors["trained"]) < 0.8 * np.mean(errors["initial"]), errors
     info = read_json(trained_root / "tokenizer" / "tokenizer.json")
     assert info["loss"]["last_loss"] < info["loss"]["first_loss"]
-    metrics_jsonl = trained_root / "runs" / "shodh" / "tokenizer" / "metrics.jsonl"
-    logged = [json.loads(line) for line in metrics_jsonl.read_text().splitlines()]
+    run = trained_root / "runs" / "shodh-tokenizer" / "tokenizer"  # the tokenizer's own experiment
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     final = logged[-1]
     for domain in ("channel", "porous"):
-        assert f"val/{domain}/vrmse" in final and f"val/{domain}/mse" in final
+        for key in ("vrmse", "mse", "spectrum_ratio_min", "spectrum_ratio_max", "vrmse_low", "vrmse_mid", "vrmse_high"):
+            assert f"val/{domain}/{key}" in final, key
+        assert 0 < final[f"val/{domain}/spectrum_ratio_min"] <= final[f"val/{domain}/spectrum_ratio_max"]
     assert final["audit/rel_max"] <= 1e-12
-    assert (trained_root / "runs" / "shodh" / "tokenizer" / "plots" / "tokenizer_slices.png").stat().st_size > 1000
+    assert info["config"]["band"] == band_limit(32) == 10  # simulated data: the solver's 2/3 rule
+    for name in ("slices_xy", "slices_xz", "spectra", "vrmse_per_shell"):
+        assert (run / "plots" / f"tokenizer_{name}.png").stat().st_size > 1000, name
 
 
 def test_checkpoint_loads_with_weights_only_and_id_is_its_sha(trained_root):

@@ -114,38 +114,71 @@ def rollout_curves(rollout: dict[str, tuple[np.ndarray, np.ndarray]], path: Path
     return _save(fig, path)
 
 
-def spectra(spectra_by_domain: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> Path:
-    """Per domain: shell energy spectrum E(k) of the truth and of the one-step prediction."""
+def spectra(spectra_by_domain: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, cutoff: int | None = None,
+            label: str = "prediction") -> Path:
+    """Per domain: shell energy spectrum E(k) of the truth and of a prediction (or decoded field);
+    `cutoff` marks the data's band limit."""
     domains = list(spectra_by_domain)
     fig, axes = plt.subplots(1, max(1, len(domains)), figsize=(4.5 * max(1, len(domains)), 3.5), squeeze=False)
     for ax, domain in zip(axes[0], domains):
         true_S, pred_S = spectra_by_domain[domain]
         k = np.arange(1, len(true_S))  # shell 0 is the mean flow: not on a log axis
         ax.loglog(k, true_S[1:], label="truth")
-        ax.loglog(k, pred_S[1:], ls="--", label="prediction")
+        ax.loglog(k, pred_S[1:], ls="--", label=label)
+        if cutoff:
+            ax.axvline(cutoff, color="grey", lw=0.8, ls=":", label=f"band limit k = {cutoff}")
         ax.set(xlabel="wavenumber |k|", ylabel="E(k)", title=domain)
         ax.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
 
 
-def slices(slices_by_domain: dict, path: Path, component: int = 0) -> Path:
-    """Per domain (rows): mid-plane z = N/2 of one velocity component, truth / prediction / error."""
+def shell_vrmse(errors_by_domain: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, edges: tuple[float, float],
+                cutoff: int | None = None) -> Path:
+    """VRMSE per shell, sqrt(E_err(k) / E_true(k)), from the mean spectra (E_true, E_error) per
+    domain; the low / mid / high band edges shaded, `cutoff` marked."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for domain, (true_S, err_S) in errors_by_domain.items():
+        k = np.arange(1, len(true_S))
+        last = min(len(true_S) - 1, cutoff or len(true_S) - 1)
+        ax.semilogx(k[:last], np.sqrt(err_S[1 : last + 1] / np.maximum(true_S[1 : last + 1], 1e-300)), label=domain)
+    for edge in edges:
+        ax.axvline(edge, color="0.7", lw=0.8)
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")  # error as large as the signal at that scale
+    ax.set(xlabel="wavenumber |k| (grey: low / mid / high band edges)", ylabel="VRMSE of the shell",
+           title="reconstruction error per scale", ylim=(0, None))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+PLANES = {"xy": ("x", "y", "z"), "xz": ("x", "z", "y")}  # plane: (horizontal axis, vertical axis, cut axis)
+
+
+def slices(slices_by_domain: dict, path: Path, component: int = 0, plane: str = "xy", masks: dict | None = None,
+           label: str = "prediction") -> Path:
+    """Per domain (rows): the mid-plane of one velocity component in `plane` ("xy": z = N/2,
+    "xz": y = N/2), truth / prediction / error, with the solid outline where `masks` has one."""
     domains = list(slices_by_domain)
+    h_axis, v_axis, cut_axis = PLANES[plane]
     fig, axes = plt.subplots(max(1, len(domains)), 3, figsize=(10, 3.2 * max(1, len(domains))), squeeze=False)
     for row, domain in zip(axes, domains):
         true_CXYZ, pred_CXYZ = (np.asarray(a) for a in slices_by_domain[domain])
+        cut = "xyz".index(cut_axis)
         mid = true_CXYZ.shape[-1] // 2
-        true_XY, pred_XY = true_CXYZ[component, :, :, mid], pred_CXYZ[component, :, :, mid]
-        lo, hi = float(true_XY.min()), float(true_XY.max())
-        err = np.abs(pred_XY - true_XY).max() or 1.0
+        true_HV, pred_HV = (np.take(a[component], mid, axis=cut) for a in (true_CXYZ, pred_CXYZ))
+        mask_HV = np.take(np.asarray(masks[domain]), mid, axis=cut) if masks and domain in masks else None
+        lo, hi = float(true_HV.min()), float(true_HV.max())
+        err = np.abs(pred_HV - true_HV).max() or 1.0
         for ax, image, title, kw in (
-            (row[0], true_XY, "truth", dict(vmin=lo, vmax=hi, cmap="viridis")),
-            (row[1], pred_XY, "prediction", dict(vmin=lo, vmax=hi, cmap="viridis")),
-            (row[2], pred_XY - true_XY, "error", dict(vmin=-err, vmax=err, cmap="RdBu_r")),
+            (row[0], true_HV, "truth", dict(vmin=lo, vmax=hi, cmap="viridis")),
+            (row[1], pred_HV, label, dict(vmin=lo, vmax=hi, cmap="viridis")),
+            (row[2], pred_HV - true_HV, "error", dict(vmin=-err, vmax=err, cmap="RdBu_r")),
         ):
-            im = ax.imshow(image.T, origin="lower", **kw)  # x right, y up
-            ax.set_title(f"{domain}: {COMPONENTS[component]} {title}", fontsize=9)
+            im = ax.imshow(image.T, origin="lower", **kw)  # first axis right, second up
+            if mask_HV is not None and 0 < mask_HV.mean() < 1:
+                ax.contour(mask_HV.T, levels=[0.5], colors="k", linewidths=0.5)
+            ax.set_title(f"{domain}: {COMPONENTS[component]} {title} ({h_axis}-{v_axis}, {cut_axis}=N/2)", fontsize=9)
             ax.set_xticks([])
             ax.set_yticks([])
             fig.colorbar(im, ax=ax, fraction=0.046)

@@ -204,22 +204,57 @@ def solenoidal(u_CXYZ: torch.Tensor, operator: Operator, length: float = BOX) ->
     return torch.stack([ifft(h - d.conj() * d_dot_u / d2_safe, n) for d, h in zip(d_axes, uh_C)], dim=-4)
 
 
-def biot_savart(w_CXYZ: torch.Tensor, length: float = BOX) -> torch.Tensor:
-    """Vector potential A = (-Δ)^-1 curl w (spectral, zero mean): [..., 3, X, Y, Z] -> same.
+def band_mask(n: int, band: int | None, dtype: torch.dtype = torch.float64, device="cpu") -> torch.Tensor:
+    """1 for the rfft modes of an N^3 grid with |k_i| <= band on every axis (integer wavenumbers
+    of the 2π box), else 0: [N, N, H]. band None keeps every mode. The 2/3 rule of the solver
+    keeps band = (N - 1) // 3. Cached: the tensor is shared, never modify it."""
+    return _band_mask(int(n), None if band is None else int(band), dtype, str(torch.device(device)))
+
+
+@lru_cache(maxsize=32)
+def _band_mask(n: int, band: int | None, dtype: torch.dtype, device: str) -> torch.Tensor:
+    k_X, k_H = wavenumbers(n, BOX, torch.float64, device)
+    if band is None:
+        return torch.ones(n, n, n // 2 + 1, dtype=dtype, device=device)
+    keep_X, keep_H = k_X.abs() <= band, k_H <= band
+    return (keep_X.view(n, 1, 1) & keep_X.view(1, n, 1) & keep_H.view(1, 1, -1)).to(dtype)
+
+
+def biot_savart(w_CXYZ: torch.Tensor, length: float = BOX, band: int | None = None) -> torch.Tensor:
+    """Vector potential A = (-Δ)^-1 curl w (spectral, zero mean): [..., 3, X, Y, Z] -> same,
+    truncated to the modes |k_i| <= band (`band_mask`) when band is given.
 
     With the spectral curl, curl A is the Leray projection of w minus its mean, so a decoder
     that predicts a velocity-like field w and returns u = mean(w) + curl A is exactly
     divergence-free whatever w is; with the staggered curl, u is divergence-free under the
-    staggered divergence instead (A is just a potential; no property of A is needed).
+    staggered divergence instead (A is just a potential; no property of A is needed). Both
+    curls are Fourier multipliers, so a band-limited A gives a band-limited u.
     """
     n = w_CXYZ.shape[-1]
     kx, ky, kz = _k_axes(w_CXYZ, length)
     k2_XYH = kx**2 + ky**2 + kz**2
     inv_k2_XYH = torch.where(k2_XYH > 0, 1.0 / torch.where(k2_XYH > 0, k2_XYH, torch.ones_like(k2_XYH)),
                              torch.zeros_like(k2_XYH))
+    if band is not None:
+        inv_k2_XYH = inv_k2_XYH * band_mask(n, band, inv_k2_XYH.dtype, inv_k2_XYH.device)
     wx, wy, wz = w_CXYZ.unbind(-4)
     out = [1j * c for c in _cross_k(kx, ky, kz, fft(wx), fft(wy), fft(wz))]
     return torch.stack([ifft(h * inv_k2_XYH, n) for h in out], dim=-4)
+
+
+def solenoidal_part(w_CXYZ: torch.Tensor, length: float = BOX, band: int | None = None) -> torch.Tensor:
+    """curl biot_savart(w) under the spectral operator, in one transform pair: the Leray
+    projection of w without its mean (k' the operators' wavenumbers, Nyquist zeroed:
+    -k' × (k' × ŵ) / |k'|² = ŵ - k' (k'·ŵ) / |k'|², and 0 where k' = 0), truncated to `band`.
+    Identical to `curl(biot_savart(w, length, band), "spectral")` at half the FFTs."""
+    n = w_CXYZ.shape[-1]
+    kx, ky, kz = _k_axes(w_CXYZ, length)
+    k2_XYH = kx**2 + ky**2 + kz**2
+    keep_XYH = (k2_XYH > 0).to(k2_XYH.dtype) * band_mask(n, band, k2_XYH.dtype, k2_XYH.device)
+    inv_k2_XYH = keep_XYH / torch.where(k2_XYH > 0, k2_XYH, torch.ones_like(k2_XYH))
+    hx, hy, hz = (fft(c) for c in w_CXYZ.unbind(-4))
+    k_dot_h = (kx * hx + ky * hy + kz * hz) * inv_k2_XYH
+    return torch.stack([ifft(h * keep_XYH - k * k_dot_h, n) for h, k in ((hx, kx), (hy, ky), (hz, kz))], dim=-4)
 
 
 # ---------------------------------------------------------------- resampling

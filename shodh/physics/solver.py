@@ -62,12 +62,17 @@ def mirror_z(u_CXYZ: torch.Tensor) -> torch.Tensor:
     return flipped * torch.tensor([1.0, 1.0, -1.0], dtype=u_CXYZ.dtype, device=u_CXYZ.device).view(3, 1, 1, 1)
 
 
+def band_limit(n: int) -> int:
+    """Largest |k_i| the 2/3 rule keeps on an N-point axis: every stored field has no energy past it."""
+    return (n - 1) // 3
+
+
 class _Block:
     """The kept spectral block of an N^3 grid and its wavenumbers; to / from full rfft arrays."""
 
     def __init__(self, grid: SpectralGrid):
         n, dev = grid.n, grid.device
-        self.n, self.m = n, (n - 1) // 3 + 1
+        self.n, self.m = n, band_limit(n) + 1
         m, cdt = self.m, grid.complex_dtype
         scale = 2 * math.pi / grid.length
         signed = torch.cat([torch.arange(m), torch.arange(-(m - 1), 0)]).to(grid.dtype) * scale

@@ -22,11 +22,14 @@ class TokenizerConfig:
     batch: int = 2  # fields per process per step
     lr: float = 2e-3
     warmup: int = 20
+    # weight of the log-spectrum term (train.spectral_loss) beside the MSE; 0 turns it off
+    spectral_weight: float = 0.05
     eval_every: int = 0  # 0: evaluate only at the end
     checkpoint_every: int = 100
     shuffle_buffer: int = 16  # fields held for shuffling while streaming raw shards
     eval_fields: int = 0  # held-out fields per domain and split evaluated; 0 = all
     run_name: str = "tokenizer"  # run directory ROOT/runs/<experiment>/<run_name>/
+    experiment: str = "shodh-tokenizer"  # the tokenizer's own MLflow experiment (not tracking.experiment)
     # encoding
     window: int = 4  # T: frames per latent sample; windows overlap by one frame
     encode_batch: int = 4
@@ -41,10 +44,12 @@ class TokenizerConfig:
         for name in ("channels", "width", "hidden", "steps", "batch", "checkpoint_every", "encode_batch"):
             check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        check(self.spectral_weight >= 0, "spectral_weight", f"must be >= 0, got {self.spectral_weight}")
         for name in ("blocks", "warmup", "eval_every", "shuffle_buffer", "eval_fields", "threads"):
             check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
         check(self.window >= 2, "window", f"must be >= 2 (pretraining needs consecutive frames), got {self.window}")
         check_name(self.run_name, "run_name")  # a directory under ROOT/runs/<experiment>/
+        check_name(self.experiment, "experiment")
 
     def architecture(self) -> dict:
         return {"channels": self.channels, "width": self.width, "hidden": self.hidden, "blocks": self.blocks,

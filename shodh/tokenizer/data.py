@@ -18,6 +18,7 @@ import torch
 from shodh.errors import ConfigError, DataError
 from shodh.io import check_manifest_shards, iter_shard, read_json
 from shodh.physics.simulate import check_solver
+from shodh.physics.solver import band_limit
 from shodh.workspace import raw_dir, raw_manifest_path
 
 RAW_REMEDY = "re-run `shodh simulate` (it regenerates shards that differ from their record)"
@@ -41,6 +42,17 @@ def load_raw_manifest(root: Path, grid: int | None = None) -> dict:
         raise ConfigError(f"sim.grid: is {grid} but the raw data in {path} has grid {manifest['grid']}; "
                           f"pass sim.grid={manifest['grid']} or the matching --profile")
     return manifest
+
+
+def data_band(manifest: dict) -> int | None:
+    """The raw data's band limit |k_i| <= band, which the decoder then respects (None: no limit).
+
+    Simulated fields are dealiased by the solver's 2/3 rule (`physics.solver.band_limit`);
+    imported fields may hold energy in every mode, so a workspace with imported domains has none.
+    """
+    if manifest.get("imported") or not isinstance(manifest.get("generator"), dict):
+        return None
+    return band_limit(int(manifest["grid"]))
 
 
 def plausible_limit(manifest: dict, root: Path, domain: str) -> float:

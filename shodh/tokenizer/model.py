@@ -5,7 +5,12 @@ Shape legend: B = batch, C = velocity components (3) or latent channels, X, Y, Z
 
 Velocity parameterization (per field, in the domain's normalized units, see
 `shodh.fields.normalization.Normalization`):
-    v = U + curl A,    A = (-Δ)^-1 curl w (Biot–Savart),    U = mean of w
+    v = U + curl A,    A = P_K (-Δ)^-1 curl w (Biot–Savart),    U = mean of w
+with P_K the truncation to the modes |k_i| <= K, K the data's band limit (`band`, recorded in
+tokenizer.json: the solver's 2/3 rule for simulated data, none for imported data), so decoded
+fields hold no energy where the data has none (without it the decoder put 1e-9 .. 1e-7 where
+the truth holds 1e-18). The truncation is a Fourier multiplier like the curl: v stays exactly
+divergence-free.
 The network predicts a velocity-like field w [B, 3, N, N, N]; A is its vector potential and
 U the mean-flow term (the curl of a periodic potential has zero mean; channel and porous flows
 do not). A constant is divergence-free under any operator, so v is exactly on the
@@ -34,7 +39,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
+from einops import rearrange, repeat
 from torch import nn
 
 from shodh.errors import DataError, ShodhError
@@ -43,7 +48,7 @@ from shodh.fields.normalization import Normalization
 from shodh.io import read_json, sha256_file
 from shodh.workspace import LATENT, tokenizer_dir
 
-CHECKPOINT_FORMAT = "shodh-tokenizer-1"
+CHECKPOINT_FORMAT = "shodh-tokenizer-2"  # 2: overlapping decoder windows, band-limited potential
 
 
 def patch_size(grid: int) -> int:
@@ -75,33 +80,70 @@ class Block(nn.Module):
         return h_BxyzW + self.linear(F.gelu(rearrange(c, "b w x y z -> b x y z w")))
 
 
+def window_taper(p: int) -> torch.Tensor:
+    """The decoder's 1D blending weights over a window of 2p cells: sin²(π (i + ½) / (2p)).
+    Windows overlap by p, and w_i + w_{i+p} = 1 (sin² + cos²), so the shifted tapers form a
+    partition of unity: every cell is a convex blend of the two windows that cover it, and a
+    window's weight falls to ~0 at its edges, where the next window takes over (no seams)."""
+    i = torch.arange(2 * p, dtype=torch.float64)
+    return torch.sin(torch.pi * (i + 0.5) / (2 * p)) ** 2
+
+
 class TokenizerNet(nn.Module):
     """Encoder N^3 -> [C, 16, 16, 16]; decoder -> velocity-like field w (see `velocity`).
 
-    All heavy work happens on the 16^3 grid, which keeps CPU training within minutes: each
-    p^3 patch (3 velocity components + the solid mask) is folded into one latent voxel by
+    All heavy work happens on the 16^3 grid, which keeps CPU training within minutes. Encoder:
+    each p^3 patch (3 velocity components + the solid mask) is folded into one latent voxel by
     einops, mixed pointwise (an MLP per patch, as matrix products) and across patches
-    (residual 3^3 convs). The decoder mirrors it and unfolds p^3 patches of w.
+    (residual 3^3 convs). Decoder: the latent plus the folded mask, the same residual convs,
+    then an MLP per latent voxel that emits a (2p)^3 window of w centred on its patch. The
+    windows overlap their neighbours by half a window on every axis and are blended with the
+    `window_taper` partition of unity (overlap-add), so each cell mixes the 8 windows that
+    cover it and no patch boundary is special: a learned transposed convolution with kernel
+    2p and stride p, whose kernel is tapered to ~0 at its edges. (Folding p^3 patches
+    independently, as the first tokenizer did, printed a p-periodic block pattern on the
+    decoded fields.)
     """
 
-    def __init__(self, grid: int, channels: int, width: int, hidden: int, blocks: int):
+    def __init__(self, grid: int, channels: int, width: int, hidden: int, blocks: int,
+                 band: int | None = None, operator: str = "spectral"):
         super().__init__()
         self.grid, self.p, self.channels = grid, patch_size(grid), channels
+        self.band, self.operator = band, operator
         patch = self.p**3
         self.enc_in = _mlp(4 * patch, hidden, width)
         self.enc_blocks = nn.Sequential(*(Block(width) for _ in range(blocks)))
         self.enc_out = nn.Linear(width, channels)
         self.dec_in = _mlp(channels + patch, hidden, width)
         self.dec_blocks = nn.Sequential(*(Block(width) for _ in range(blocks)))
-        self.dec_out = _mlp(width, hidden, 3 * patch)
+        self.dec_out = _mlp(width, hidden, 3 * 8 * patch)
+        t = rearrange(window_taper(self.p).float(), "(a p) -> a p", a=2)
+        taper = torch.einsum("ap,eq,fr->aefpqr", t, t, t)  # the same for the 3 components
+        self.register_buffer("taper_K", repeat(taper, "a e f p q r -> (a e f c p q r)", c=3), persistent=False)
 
     def _fold(self, f_BCXYZ: torch.Tensor) -> torch.Tensor:
         p = self.p
         return rearrange(f_BCXYZ, "b c (x p) (y q) (z r) -> b x y z (c p q r)", p=p, q=p, r=p)
 
-    def _unfold(self, f_Bxyzk: torch.Tensor) -> torch.Tensor:
+    def _overlap_add(self, win_Bxyzk: torch.Tensor) -> torch.Tensor:
+        """Per-voxel tapered (2p)^3 windows [B, x, y, z, (a e f c p q r)] -> the blended field [B, 3, N, N, N].
+
+        Window j covers cells [p j - p/2, p j + 3p/2) on each axis; its half a (e, f) in {0, 1}
+        along x (y, z) lands on patch j + a. So the halves are summed one axis at a time, the
+        second rolled by one patch (periodic box), in patch space; then one unfold to the grid
+        and the half-patch shift that centres the windows."""
         p = self.p
-        return rearrange(f_Bxyzk, "b x y z (c p q r) -> b c (x p) (y q) (z r)", p=p, q=p, r=p)
+        h = rearrange(win_Bxyzk, "b x y z (a e f k) -> a e f b x y z k", a=2, e=2, f=2)
+        for _ in range(3):  # x, then y, then z: the summed axis is always dim 3 after indexing
+            h = h[0] + torch.roll(h[1], 1, dims=3)
+        out = rearrange(h, "b x y z (c p q r) -> b c (x p) (y q) (z r)", c=3, p=p, q=p, r=p)
+        return torch.roll(out, shifts=(-(p // 2),) * 3, dims=(-3, -2, -1))
+
+    def _windows(self, h_BxyzW: torch.Tensor) -> torch.Tensor:
+        """The decoder's output MLP with the taper folded into its last layer (the same function
+        as tapering its output, without a pass over the 8x larger window tensor)."""
+        last = self.dec_out[-1]
+        return F.linear(self.dec_out[:-1](h_BxyzW), last.weight * self.taper_K[:, None], last.bias * self.taper_K)
 
     def encode(self, v_BCXYZ: torch.Tensor, mask_BXYZ: torch.Tensor) -> torch.Tensor:
         """Normalized velocity [B, 3, N, N, N] + mask [B, N, N, N] -> latent [B, C, 16, 16, 16]."""
@@ -114,7 +156,11 @@ class TokenizerNet(nn.Module):
         m = mask_BXYZ.unsqueeze(1).to(z_Bcxyz.dtype)
         z_Bxyzc = rearrange(z_Bcxyz, "b c x y z -> b x y z c")
         h = self.dec_blocks(self.dec_in(torch.cat([z_Bxyzc, self._fold(m)], dim=-1)))
-        return self._unfold(self.dec_out(h))
+        return self._overlap_add(self._windows(h))
+
+    def velocity(self, w_BCXYZ: torch.Tensor) -> torch.Tensor:
+        """`velocity` with this network's operator and band."""
+        return velocity(w_BCXYZ, self.operator, self.band)
 
     def forward(self, v_BCXYZ: torch.Tensor, mask_BXYZ: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Autoencode (one call, so DistributedDataParallel sees every parameter): (z, w)."""
@@ -122,16 +168,22 @@ class TokenizerNet(nn.Module):
         return z, self.decode(z, mask_BXYZ)
 
 
-def velocity(w_BCXYZ: torch.Tensor, operator: str) -> torch.Tensor:
-    """v = mean(w) + curl A with A = Biot–Savart(w), in w's dtype: [B, 3, N, N, N] -> same,
-    divergence-free under `operator` to round-off."""
+def velocity(w_BCXYZ: torch.Tensor, operator: str, band: int | None = None) -> torch.Tensor:
+    """v = mean(w) + curl A with A = Biot–Savart(w) truncated to |k_i| <= band (all modes for
+    None), in w's dtype: [B, 3, N, N, N] -> same, divergence-free under `operator` to round-off
+    and free of energy past the band. The spectral operator takes the one-transform-pair form
+    `spectral.solenoidal_part` (the same field)."""
     mean_BC111 = w_BCXYZ.mean(dim=(-3, -2, -1), keepdim=True)
-    return mean_BC111 + spectral.curl(spectral.biot_savart(w_BCXYZ), operator)
+    if operator == "spectral":
+        return mean_BC111 + spectral.solenoidal_part(w_BCXYZ, band=band)
+    return mean_BC111 + spectral.curl(spectral.biot_savart(w_BCXYZ, band=band), operator)
 
 
 def build_net(arch: dict, grid: int) -> TokenizerNet:
-    """The network for an architecture dict (`TokenizerConfig.architecture()`) and field grid."""
-    return TokenizerNet(grid, arch["channels"], arch["width"], arch["hidden"], arch["blocks"])
+    """The network for an architecture dict (`TokenizerConfig.architecture()` plus the data's
+    `band`) and field grid."""
+    return TokenizerNet(grid, arch["channels"], arch["width"], arch["hidden"], arch["blocks"],
+                        arch.get("band"), arch["operator"])
 
 
 class Tokenizer:
@@ -159,8 +211,7 @@ class Tokenizer:
     @torch.no_grad()
     def decode(self, z_Bcxyz: torch.Tensor, mask_BXYZ: torch.Tensor, domain: str) -> torch.Tensor:
         w = self.net.decode(z_Bcxyz.to(self.device, torch.float32), mask_BXYZ.to(self.device, torch.float32))
-        v = velocity(w.double(), self.operator)
-        return self.norm.denormalize(v, domain)
+        return self.norm.denormalize(self.net.velocity(w.double()), domain)
 
 
 def load_tokenizer(root_or_dir: str | Path, device: str | torch.device = "cpu") -> Tokenizer:

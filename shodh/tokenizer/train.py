@@ -3,10 +3,13 @@
 Data parallel over processes (torch DDP: gloo on CPU, nccl on GPU); each rank streams its own
 share of the train shards. Loss (normalized units): per component c, mean (v̂_c - v_c)² / σ_c²
 with σ_c the domain's per-component std over the train split, i.e. the square of a VRMSE-like
-score, so weak components (u_z in the channel) are not drowned by the mean-flow component.
+score, so weak components (u_z in the channel) are not drowned by the mean-flow component;
+plus `tokenizer.spectral_weight` times the log-spectrum term (`spectral_loss`), which keeps the
+weak small scales' energy.
 State lives in ROOT/tokenizer/checkpoint.pt (model, optimizer, step; loadable with
 weights_only=True) and a rerun resumes from it; the final weights go to tokenizer.pt with
-tokenizer.json beside it. Metrics go to ROOT/runs/<experiment>/<tokenizer.run_name>/ and MLflow.
+tokenizer.json beside it. Metrics and figures go to ROOT/runs/<tokenizer.experiment>/<tokenizer.run_name>/
+and MLflow (the tokenizer's own experiment, "shodh-tokenizer" by default).
 """
 
 from __future__ import annotations
@@ -22,14 +25,15 @@ import torch.distributed as torch_dist
 
 from shodh.distributed import DistInfo, choose_device, init_process_group
 from shodh.errors import DataError
-from shodh.fields.metrics import vrmse_BC
+from shodh.eval import plots
+from shodh.fields.metrics import BANDS, band_edges, band_of_S, energy_spectrum_BS, vrmse_BC
 from shodh.fields.normalization import Normalization
 from shodh.fields.spectral import divergence_stats
 from shodh.io import RunLock, sha256_file, sha256_json, write_atomic, write_json_atomic
 from shodh.schedule import lr_factor
 from shodh.tokenizer.config import TokenizerConfig
-from shodh.tokenizer.data import load_raw_manifest, raw_frames, shards_of, stream_fields
-from shodh.tokenizer.model import CHECKPOINT_FORMAT, TokenizerNet, build_net, velocity
+from shodh.tokenizer.data import data_band, load_raw_manifest, raw_frames, shards_of, stream_fields
+from shodh.tokenizer.model import CHECKPOINT_FORMAT, TokenizerNet, build_net
 from shodh.tracking import Tracker
 from shodh.workspace import HELD_OUT, LATENT, lock_file, tokenizer_dir
 from shodh.workspace import run_dir as workspace_run_dir
@@ -46,26 +50,64 @@ def setup_process(cfg: TokenizerConfig, info: DistInfo) -> torch.device:
     return device
 
 
-def reconstruct(net: TokenizerNet, norm: Normalization, operator: str, u_BCXYZ: torch.Tensor,
+def reconstruct(net: TokenizerNet, norm: Normalization, u_BCXYZ: torch.Tensor,
                 mask_BXYZ: torch.Tensor, domain: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode + decode physical fields; returns (latent float32, velocity float64 physical)."""
     v = norm.normalize(u_BCXYZ.float(), domain)
     z = net.encode(v, mask_BXYZ.float())
-    return z, norm.denormalize(velocity(net.decode(z, mask_BXYZ.float()).double(), operator), domain)
+    return z, norm.denormalize(net.velocity(net.decode(z, mask_BXYZ.float()).double()), domain)
+
+
+def spectral_loss(pred_BCXYZ: torch.Tensor, true_BCXYZ: torch.Tensor, k_max: int) -> torch.Tensor:
+    """Mean over shells 1..k_max of (log E_pred(k) - log E_true(k))²: the per-shell energy ratio
+    on a log scale, so an under-resolved band counts as much as an energetic one. An MSE loss
+    alone lets the decoder drop the weak small scales (their error is a tiny share of the MSE);
+    this term asks for their energy. Each shell's energy is floored at 1e-12 of the field's
+    fluctuation energy so empty shells cannot dominate."""
+    e_pred_BS = energy_spectrum_BS(pred_BCXYZ)[:, 1 : k_max + 1]
+    with torch.no_grad():
+        e_true_BS = energy_spectrum_BS(true_BCXYZ)[:, 1 : k_max + 1]
+        floor_B1 = 1e-12 * e_true_BS.sum(-1, keepdim=True)
+    return (torch.log(e_pred_BS + floor_B1) - torch.log(e_true_BS + floor_B1)).pow(2).mean()
+
+
+def seam_ratio(u_BCXYZ: torch.Tensor, p: int) -> float:
+    """rms of the cell-to-cell differences that cross a p-patch boundary over the rms of those
+    inside patches, all three axes: ~1 for a field that does not know where patches are,
+    above 1 for a blocky one (patch seams); nan for p = 1 (every difference crosses one)."""
+    if p == 1:
+        return float("nan")
+    crossing, inside = [], []
+    for axis in (-3, -2, -1):
+        d = (u_BCXYZ.roll(-1, dims=axis) - u_BCXYZ).pow(2).movedim(axis, 0)
+        last = torch.arange(d.shape[0], device=d.device) % p == p - 1
+        crossing.append(d[last].mean())
+        inside.append(d[~last].mean())
+    return float((torch.stack(crossing).mean() / torch.stack(inside).mean()).sqrt())
 
 
 @torch.no_grad()
-def evaluate(net: TokenizerNet, norm: Normalization, operator: str, manifest: dict, root: Path,
-             split: str, max_fields: int, device: torch.device) -> tuple[dict, dict]:
-    """Per-domain held-out metrics, and one (truth, reconstruction, mask) per domain to plot.
+def evaluate(net: TokenizerNet, norm: Normalization, manifest: dict, root: Path, split: str, max_fields: int,
+             device: torch.device) -> tuple[dict, dict]:
+    """Per-domain held-out metrics, and per domain what the plots show.
 
     leak_solid: rms |u| in solid cells over rms |u| in fluid cells, decoded; leak_solid_raw: the
     same for the simulator's field (Brinkman penalization leaves a little flow in solids too).
+    spectrum_ratio_min / _max: the extremes over shells 1..k_max (the data's band, else N/2) of
+    the decoded over the true energy spectrum, both averaged over the split's fields.
+    vrmse_low / _mid / _high: sqrt(Σ E_err / Σ E_true) over the shells of each band
+    (`fields.metrics.band_edges`), i.e. a VRMSE restricted to those scales.
+    seam_ratio (decoded) / seam_ratio_raw (the truth): `seam_ratio` at the patch size p.
+    Figures: {domain: {"example": (truth, reconstruction, mask) of the first field,
+    "spectra": (E_true, E_decoded, E_error) [S] means, "k_max": ...}}.
     """
     net.eval()
-    metrics, examples = {}, {}
+    n = manifest["grid"]
+    k_max = net.band or n // 2
+    metrics, figures = {}, {}
     for domain in manifest["domains"]:
-        acc: dict[str, list] = {"mse": [], "vrmse": [], "leak": [], "leak_raw": [], "div": []}
+        acc: dict[str, list] = {"mse": [], "vrmse": [], "leak": [], "leak_raw": [], "div": [], "spectra": [],
+                                "seam": [], "seam_raw": []}
         seen = 0
         for shard in (s for s in shards_of(manifest, root, split) if s["domain"] == domain):
             if max_fields and seen >= max_fields:
@@ -75,57 +117,59 @@ def evaluate(net: TokenizerNet, norm: Normalization, operator: str, manifest: di
                     continue  # read on to the shard's end: its checksum is verified there
                 u_t = torch.from_numpy(u)[None].to(device)
                 m_t = torch.from_numpy(mask.astype(np.float32))[None].to(device)
-                _, rec = reconstruct(net, norm, operator, u_t, m_t, domain)
+                _, rec = reconstruct(net, norm, u_t, m_t, domain)
                 truth = u_t.double()
                 acc["mse"].append(float((rec - truth).pow(2).mean()))
                 acc["vrmse"].append(float(vrmse_BC(rec, truth).mean()))
-                acc["div"].append(divergence_stats(rec, operator)["rel_max"])
+                acc["div"].append(divergence_stats(rec, net.operator)["rel_max"])
+                acc["seam"].append(seam_ratio(rec, net.p))
+                acc["seam_raw"].append(seam_ratio(truth, net.p))
+                acc["spectra"].append(torch.cat([energy_spectrum_BS(f) for f in (truth, rec, rec - truth)]).cpu())
                 solid = m_t[0].bool()
                 if solid.any() and (~solid).any():
                     speed, speed_raw = rec[0].pow(2).sum(0), truth[0].pow(2).sum(0)
                     acc["leak"].append(float(speed[solid].mean().sqrt() / speed[~solid].mean().sqrt()))
                     acc["leak_raw"].append(float(speed_raw[solid].mean().sqrt() / speed_raw[~solid].mean().sqrt()))
-                if domain not in examples:
-                    examples[domain] = (truth[0].cpu(), rec[0].cpu(), m_t[0].cpu())
+                if domain not in figures:
+                    figures[domain] = {"example": (truth[0].cpu(), rec[0].cpu(), m_t[0].cpu()), "k_max": k_max}
                 seen += 1
         if not seen:
             continue
+        e_true_S, e_rec_S, e_err_S = torch.stack(acc["spectra"]).mean(0)
+        figures[domain]["spectra"] = (e_true_S.numpy(), e_rec_S.numpy(), e_err_S.numpy())
+        ratio_S = e_rec_S[1 : k_max + 1] / e_true_S[1 : k_max + 1].clamp_min(1e-300)
         prefix = f"{split}/{domain}"
         metrics[f"{prefix}/mse"] = float(np.mean(acc["mse"]))
         metrics[f"{prefix}/vrmse"] = float(np.mean(acc["vrmse"]))
         metrics[f"{prefix}/divergence_max"] = float(np.max(acc["div"]))
+        metrics[f"{prefix}/seam_ratio"] = float(np.mean(acc["seam"]))
+        metrics[f"{prefix}/seam_ratio_raw"] = float(np.mean(acc["seam_raw"]))
+        metrics[f"{prefix}/spectrum_ratio_min"] = float(ratio_S.min())
+        metrics[f"{prefix}/spectrum_ratio_max"] = float(ratio_S.max())
+        band_S = band_of_S(len(e_true_S), n)
+        for b, name in enumerate(BANDS):
+            sel_S = band_S == b
+            metrics[f"{prefix}/vrmse_{name}"] = float((e_err_S[sel_S].sum() / e_true_S[sel_S].sum().clamp_min(1e-300)).sqrt())
         if acc["leak"]:
             metrics[f"{prefix}/leak_solid"] = float(np.mean(acc["leak"]))
             metrics[f"{prefix}/leak_solid_raw"] = float(np.mean(acc["leak_raw"]))
     net.train()
-    return metrics, examples
+    return metrics, figures
 
 
-def plot_slices(examples: dict, path: Path) -> Path:
-    """Mid-plane (y = N/2) slices of u_x: truth / reconstruction / error, one row per domain."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(examples), 3, figsize=(10, 3.2 * len(examples)), squeeze=False)
-    for row, (domain, (truth, rec, mask)) in enumerate(examples.items()):
-        mid = truth.shape[-2] // 2
-        t, r = truth[0, :, mid, :].numpy().T, rec[0, :, mid, :].numpy().T
-        lo, hi = float(t.min()), float(t.max())
-        for col, (img, title) in enumerate([(t, "truth"), (r, "reconstruction"), (r - t, "error")]):
-            ax = axes[row, col]
-            kwargs = {"vmin": lo, "vmax": hi} if col < 2 else {"cmap": "RdBu_r"}
-            im = ax.imshow(img, origin="lower", **kwargs)
-            ax.contour(mask[:, mid, :].numpy().T, levels=[0.5], colors="k", linewidths=0.5)
-            ax.set_title(f"{domain}: u_x {title} (x-z, y=N/2)", fontsize=9)
-            ax.set_xticks([]), ax.set_yticks([])
-            fig.colorbar(im, ax=ax, shrink=0.8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+def plot_figures(figures: dict, n: int, out_dir: Path) -> list[Path]:
+    """The tokenizer run's evaluation figures: slices in two planes, spectra, VRMSE per shell."""
+    slices = {d: f["example"][:2] for d, f in figures.items()}
+    masks = {d: f["example"][2] for d, f in figures.items()}
+    spectra = {d: f["spectra"][:2] for d, f in figures.items() if "spectra" in f}
+    errors = {d: (f["spectra"][0], f["spectra"][2]) for d, f in figures.items() if "spectra" in f}
+    cutoff = next(iter(figures.values()))["k_max"] if figures else None
+    return [
+        plots.slices(slices, out_dir / "tokenizer_slices_xy.png", plane="xy", masks=masks, label="decoded"),
+        plots.slices(slices, out_dir / "tokenizer_slices_xz.png", plane="xz", masks=masks, label="decoded"),
+        plots.spectra(spectra, out_dir / "tokenizer_spectra.png", cutoff=cutoff, label="decoded"),
+        plots.shell_vrmse(errors, out_dir / "tokenizer_vrmse_per_shell.png", band_edges(n), cutoff=cutoff),
+    ]
 
 
 def lr_at(step: int, cfg: TokenizerConfig) -> float:
@@ -148,13 +192,15 @@ def _train(cfg, root: Path, info: DistInfo) -> dict:
     if not train_shards:
         raise DataError(f"{Path(root) / 'raw' / 'manifest.json'}: no train shard for rank {info.rank} of "
                         f"{info.world_size}; use at most as many processes as train trajectories")
-    identity = {"format": CHECKPOINT_FORMAT, "grid": manifest["grid"], "architecture": tcfg.architecture(),
+    arch = {**tcfg.architecture(), "band": data_band(manifest)}
+    identity = {"format": CHECKPOINT_FORMAT, "grid": manifest["grid"], "architecture": arch,
                 "raw_config_sha": manifest.get("config_sha"), "seed": cfg.seed, "steps": tcfg.steps,
-                "batch": tcfg.batch, "lr": tcfg.lr, "warmup": tcfg.warmup, "world_size": info.world_size}
+                "batch": tcfg.batch, "lr": tcfg.lr, "warmup": tcfg.warmup, "spectral_weight": tcfg.spectral_weight,
+                "world_size": info.world_size}
     identity_sha = sha256_json(identity)
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    net = build_net(tcfg.architecture(), manifest["grid"]).to(device)
+    net = build_net(arch, manifest["grid"]).to(device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=tcfg.lr, weight_decay=0.0)
     out_dir = tokenizer_dir(root)
     ckpt_path = out_dir / "checkpoint.pt"
@@ -172,13 +218,16 @@ def _train(cfg, root: Path, info: DistInfo) -> dict:
     if info.distributed:
         model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
 
-    run_dir = workspace_run_dir(root, cfg.tracking.experiment, tcfg.run_name)
-    tracker = Tracker(cfg.tracking, root, run_dir, tcfg.run_name,
+    # The tokenizer's own experiment: its runs and plots stay apart from the pretraining runs.
+    tracking = dataclasses.replace(cfg.tracking, experiment=tcfg.experiment)
+    run_dir = workspace_run_dir(root, tracking.experiment, tcfg.run_name)
+    tracker = Tracker(tracking, root, run_dir, tcfg.run_name,
                       params={"tokenizer": dataclasses.asdict(tcfg), "grid": manifest["grid"], "seed": cfg.seed},
                       tags={"stage": "tokenizer", "operator": tcfg.operator}, is_main=info.is_main,
                       resume_step=step)
     stream = stream_fields(train_shards, seed=cfg.seed * 1000 + info.rank + 7919 * step, buffer=tcfg.shuffle_buffer)
     weights = {d: torch.tensor(norm.loss_weights(d), device=device).view(3, 1, 1, 1) for d in manifest["domains"]}
+    k_max = arch["band"] or manifest["grid"] // 2  # shells the spectral loss compares
     net.train()
     t0, fields = time.perf_counter(), 0
     first_loss = last_loss = None
@@ -190,7 +239,9 @@ def _train(cfg, root: Path, info: DistInfo) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, tcfg)
         _, w_pred = model(v, mask)
-        loss = ((velocity(w_pred, tcfg.operator) - v).pow(2) * weight).mean()
+        v_pred = net.velocity(w_pred)
+        mse = ((v_pred - v).pow(2) * weight).mean()
+        loss = mse + tcfg.spectral_weight * spectral_loss(v_pred, v, k_max) if tcfg.spectral_weight else mse
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -209,7 +260,7 @@ def _train(cfg, root: Path, info: DistInfo) -> dict:
                      "identity": identity_sha}
             write_atomic(ckpt_path, lambda tmp, state=state: torch.save(state, tmp))
         if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.steps and info.is_main:
-            metrics, _ = evaluate(net, norm, tcfg.operator, manifest, root, "val", tcfg.eval_fields, device)
+            metrics, _ = evaluate(net, norm, manifest, root, "val", tcfg.eval_fields, device)
             tracker.log_metrics(metrics, step)
     if info.distributed:
         torch_dist.barrier()
@@ -225,22 +276,22 @@ def _train(cfg, root: Path, info: DistInfo) -> dict:
 
 def finish(net: TokenizerNet, norm: Normalization, cfg, manifest: dict, root: Path, device: torch.device,
            tracker: Tracker, step: int, run: dict) -> dict:
-    """Held-out evaluation, audit, slice plot; write tokenizer.pt + tokenizer.json (rank 0)."""
+    """Held-out evaluation, audit, figures (of the first held-out split that has fields, val
+    normally); write tokenizer.pt + tokenizer.json (rank 0)."""
     from shodh.tokenizer.audit import audit_net
 
     tcfg: TokenizerConfig = cfg.tokenizer
-    metrics, examples = {}, {}
+    metrics, figures = {}, {}
     for split in HELD_OUT:
-        split_metrics, split_examples = evaluate(net, norm, tcfg.operator, manifest, root, split, tcfg.eval_fields, device)
+        split_metrics, split_figures = evaluate(net, norm, manifest, root, split, tcfg.eval_fields, device)
         metrics.update(split_metrics)
-        for domain, example in split_examples.items():
-            examples.setdefault(domain, example)
-    audit = audit_net(net, norm, tcfg.operator, manifest, root, device)
+        for domain, figure in split_figures.items():
+            figures.setdefault(domain, figure)
+    audit = audit_net(net, norm, manifest, root, device)
     metrics.update({f"audit/{k}": audit[k] for k in ("max_abs", "rel_max", "rel_rms")})
     tracker.log_metrics(metrics, step)
-    run_dir = tracker.run_dir
-    if examples:
-        tracker.log_artifact(plot_slices(examples, run_dir / "plots" / "tokenizer_slices.png"), "plots")
+    for path in plot_figures(figures, manifest["grid"], tracker.run_dir / "plots") if figures else []:
+        tracker.log_artifact(path, "plots")
 
     out_dir = tokenizer_dir(root)
     weights = out_dir / "tokenizer.pt"
@@ -251,7 +302,8 @@ def finish(net: TokenizerNet, norm: Normalization, cfg, manifest: dict, root: Pa
     info = {
         "format": CHECKPOINT_FORMAT, "id": digest[:16], "sha256": digest, "grid": n,
         "latent_shape": [tcfg.channels, LATENT, LATENT, LATENT], "compression": 3 * n**3 / (tcfg.channels * LATENT**3),
-        "config": tcfg.architecture(), "training": dataclasses.asdict(tcfg), "seed": cfg.seed, "steps": step,
+        "config": {**tcfg.architecture(), "band": net.band}, "training": dataclasses.asdict(tcfg), "seed": cfg.seed,
+        "steps": step,
         "domains": list(manifest["domains"]), "normalization": norm.to_json(),
         "normalization_note": "u = mean[domain] + scale[domain] * v (scalar scale keeps div u = 0); "
                               "stats are the raw manifest's train-split statistics",
