@@ -25,7 +25,7 @@ from shodh import cli
 from shodh.config import load_config
 from shodh.errors import ConfigError
 from shodh.fields import spectral
-from shodh.fields.metrics import vrmse_BC
+from shodh.fields.metrics import energy_spectrum_BS, vrmse_BC
 from shodh.fields.normalization import Normalization
 from shodh.io import iter_shard, read_json, sha256_file
 from shodh.physics import simulate
@@ -192,15 +192,35 @@ def test_spectral_loss_is_zero_at_the_truth_and_asks_for_missing_small_scales():
 
     torch.manual_seed(0)
     truth = spectral.solenoidal(torch.randn(2, 3, 32, 32, 32), "spectral")
-    assert float(spectral_loss(truth, truth, 10)) == pytest.approx(0.0, abs=1e-10)
+    assert float(spectral_loss(truth, truth, 10, 2)) == pytest.approx(0.0, abs=1e-10)
     # a decoded field missing its k > 4 part: the loss is large and its gradient adds energy there
     smooth = spectral.biot_savart(truth, band=4)
     smooth = spectral.curl(smooth, "spectral").requires_grad_(True)
-    loss = spectral_loss(smooth, truth, 10)
+    loss = spectral_loss(smooth, truth, 10, 2)
     assert float(loss.detach()) > 1.0
     loss.backward()
     stepped = smooth.detach() - 1e-3 * smooth.grad / smooth.grad.abs().max()
-    assert float(spectral_loss(stepped, truth, 10)) < float(loss.detach())
+    assert float(spectral_loss(stepped, truth, 10, 2)) < float(loss.detach())
+
+
+def test_patch_artifact_measures_see_blocks_and_not_smooth_fields():
+    """seam_ratio and the patch comb, the two measures of patch artifacts the tokenizer logs:
+    a field of independent per-patch blocks has seams and puts energy on the comb; a smooth
+    field below the comb has neither."""
+    from shodh.tokenizer.train import patch_comb_XYH, seam_ratio
+
+    torch.manual_seed(0)
+    n, p = 32, 2
+    blocks = torch.randn(1, 3, n // p, n // p, n // p).repeat_interleave(p, -3).repeat_interleave(p, -2)
+    blocks = blocks.repeat_interleave(p, -1)
+    smooth = spectral.curl(spectral.biot_savart(torch.randn(1, 3, n, n, n), band=6), "spectral")
+    assert seam_ratio(blocks, p) > 5 and seam_ratio(smooth, p) == pytest.approx(1.0, abs=0.1)
+    comb = patch_comb_XYH(n, p)
+    repeated = torch.randn(1, 3, p, p, p).repeat(1, 1, n // p, n // p, n // p)  # one pattern in every patch
+    fluctuation = repeated - repeated.mean((-3, -2, -1), keepdim=True)
+    on_comb = energy_spectrum_BS(repeated, comb).sum() / energy_spectrum_BS(fluctuation).sum()
+    assert float(on_comb) == pytest.approx(1.0, rel=1e-6)
+    assert float(energy_spectrum_BS(smooth, comb).sum()) < 1e-10 * float(energy_spectrum_BS(smooth).sum())
 
 
 def test_data_band_follows_the_data_source():
@@ -268,7 +288,8 @@ def test_training_lowers_reconstruction_error(trained_root):
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     final = logged[-1]
     for domain in ("channel", "porous"):
-        for key in ("vrmse", "mse", "spectrum_ratio_min", "spectrum_ratio_max", "vrmse_low", "vrmse_mid", "vrmse_high"):
+        for key in ("vrmse", "mse", "spectrum_ratio_min", "spectrum_ratio_max", "vrmse_low", "vrmse_mid", "vrmse_high",
+                    "seam_ratio", "seam_ratio_raw", "comb_ratio"):
             assert f"val/{domain}/{key}" in final, key
         assert 0 < final[f"val/{domain}/spectrum_ratio_min"] <= final[f"val/{domain}/spectrum_ratio_max"]
     assert final["audit/rel_max"] <= 1e-12

@@ -286,6 +286,7 @@ def test_check_name_accepts_plain_names():
 
 @pytest.mark.parametrize("override,field", [("tracking.experiment=../../x", "tracking.experiment"),
                                             ("tokenizer.run_name=.hidden", "tokenizer.run_name"),
+                                            ("tokenizer.experiment=a/b", "tokenizer.experiment"),
                                             ("study.name=/abs/path", "study.name")])
 def test_config_names_are_plain(override, field):
     with pytest.raises(ConfigError, match=f"^{field}: "):

@@ -58,13 +58,16 @@ def _shells_and_weights_XYH(n: int, device: torch.device) -> tuple[torch.Tensor,
     return shells_XYH, weights_XYH
 
 
-def energy_spectrum_BS(u_BCXYZ: torch.Tensor) -> torch.Tensor:
+def energy_spectrum_BS(u_BCXYZ: torch.Tensor, modes_XYH: torch.Tensor | None = None) -> torch.Tensor:
     """Shell-summed kinetic energy E(k) = Σ_{|k'| ≈ k} ½ |û(k')|² / N^6: [B, 3, X, Y, Z] -> [B, S].
 
     Normalized so that Σ_k E(k) = ½ mean_x |u|² (Parseval); shell 0 is the mean flow, S - 1 the
-    largest shell of the cube's corners (round(√3 N/2)). Uses the real FFT (half the work)."""
+    largest shell of the cube's corners (round(√3 N/2)). Uses the real FFT (half the work).
+    modes_XYH (0/1 per rfft mode) restricts the sums to a subset of the modes."""
     n = u_BCXYZ.shape[-1]
     shells_XYH, weights_XYH = _shells_and_weights_XYH(n, u_BCXYZ.device)
+    if modes_XYH is not None:
+        weights_XYH = weights_XYH * modes_XYH
     uh_BCXYH = fft(u_BCXYZ)
     power_BXYH = 0.5 * uh_BCXYH.abs().pow(2).sum(dim=-4) * weights_XYH / n**6
     out_BS = power_BXYH.new_zeros(power_BXYH.shape[0], int(shells_XYH.max()) + 1)
