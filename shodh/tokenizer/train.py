@@ -89,9 +89,7 @@ def spectral_loss(pred_BCXYZ: torch.Tensor, true_BCXYZ: torch.Tensor, k_max: int
 def seam_ratio(u_BCXYZ: torch.Tensor, p: int) -> float:
     """rms of the cell-to-cell differences that cross a p-patch boundary over the rms of those
     inside patches, all three axes: ~1 for a field that does not know where patches are,
-    above 1 for a blocky one (patch seams); nan for p = 1 (every difference crosses one)."""
-    if p == 1:
-        return float("nan")
+    above 1 for a blocky one (patch seams). Needs p > 1 (for p = 1 every difference crosses one)."""
     crossing, inside = [], []
     for axis in (-3, -2, -1):
         d = (u_BCXYZ.roll(-1, dims=axis) - u_BCXYZ).pow(2).movedim(axis, 0)
@@ -112,16 +110,17 @@ def evaluate(net: TokenizerNet, norm: Normalization, manifest: dict, root: Path,
     the decoded over the true energy spectrum, both averaged over the split's fields.
     vrmse_low / _mid / _high: sqrt(Σ E_err / Σ E_true) over the shells of each band
     (`fields.metrics.band_edges`), i.e. a VRMSE restricted to those scales.
-    seam_ratio (decoded) / seam_ratio_raw (the truth): `seam_ratio` at the patch size p;
+    seam_ratio (decoded) / seam_ratio_raw (the truth): `seam_ratio` at the patch size p (p > 1);
     comb_ratio: the decoded over the true energy on the patch comb (`patch_comb_XYH`), 1 when
-    the decoder adds no pattern repeated in every patch.
+    the decoder adds no pattern repeated in every patch (where the comb lies inside the band).
     Figures: {domain: {"example": (truth, reconstruction, mask) of the first field,
     "spectra": (E_true, E_decoded, E_error) [S] means, "k_max": ...}}.
     """
     net.eval()
     n = manifest["grid"]
     k_max = net.band or n // 2
-    comb_XYH = patch_comb_XYH(n, net.p, device) if net.p > 1 else None
+    # The comb is only measured where it lies inside the data's band (at 32³ N/p = 16 > band 10).
+    comb_XYH = patch_comb_XYH(n, net.p, device) if net.p > 1 and n // net.p <= k_max else None
     metrics, figures = {}, {}
     for domain in manifest["domains"]:
         acc: dict[str, list] = {"mse": [], "vrmse": [], "leak": [], "leak_raw": [], "div": [], "spectra": [],
@@ -142,8 +141,9 @@ def evaluate(net: TokenizerNet, norm: Normalization, manifest: dict, root: Path,
                 acc["div"].append(divergence_stats(rec, net.operator)["rel_max"])
                 if comb_XYH is not None:
                     acc["comb"].append(float(energy_spectrum_BS(rec, comb_XYH).sum() / energy_spectrum_BS(truth, comb_XYH).sum()))
-                acc["seam"].append(seam_ratio(rec, net.p))
-                acc["seam_raw"].append(seam_ratio(truth, net.p))
+                if net.p > 1:
+                    acc["seam"].append(seam_ratio(rec, net.p))
+                    acc["seam_raw"].append(seam_ratio(truth, net.p))
                 acc["spectra"].append(torch.cat([energy_spectrum_BS(f) for f in (truth, rec, rec - truth)]).cpu())
                 solid = m_t[0].bool()
                 if solid.any() and (~solid).any():
@@ -162,8 +162,9 @@ def evaluate(net: TokenizerNet, norm: Normalization, manifest: dict, root: Path,
         metrics[f"{prefix}/mse"] = float(np.mean(acc["mse"]))
         metrics[f"{prefix}/vrmse"] = float(np.mean(acc["vrmse"]))
         metrics[f"{prefix}/divergence_max"] = float(np.max(acc["div"]))
-        metrics[f"{prefix}/seam_ratio"] = float(np.mean(acc["seam"]))
-        metrics[f"{prefix}/seam_ratio_raw"] = float(np.mean(acc["seam_raw"]))
+        if acc["seam"]:
+            metrics[f"{prefix}/seam_ratio"] = float(np.mean(acc["seam"]))
+            metrics[f"{prefix}/seam_ratio_raw"] = float(np.mean(acc["seam_raw"]))
         if acc["comb"]:
             metrics[f"{prefix}/comb_ratio"] = float(np.mean(acc["comb"]))
         metrics[f"{prefix}/spectrum_ratio_min"] = float(ratio_S.min())
