@@ -48,6 +48,8 @@ def test_precedence_defaults_yaml_overrides():
         ("sim.channel.re_tau=-1", "sim.channel.re_tau"),
         ("nosuchsection.x=1", "nosuchsection"),
         ("sim.grid.x=1", "sim.grid"),
+        ("tokenizer.solid_weight=0", "tokenizer.solid_weight"),
+        ("tokenizer.spectral_weight=-1", "tokenizer.spectral_weight"),
     ],
 )
 def test_bad_values_name_the_field(override, field):

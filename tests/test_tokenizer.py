@@ -6,6 +6,7 @@ care whether the channel is fully turbulent) and copied where a test modifies it
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -201,6 +202,39 @@ def test_spectral_loss_is_zero_at_the_truth_and_asks_for_missing_small_scales():
     loss.backward()
     stepped = smooth.detach() - 1e-3 * smooth.grad / smooth.grad.abs().max()
     assert float(spectral_loss(stepped, truth, 10, 2)) < float(loss.detach())
+
+
+def test_reconstruction_loss_weighs_solid_cells_and_components():
+    """The same error costs solid_weight times as much in a solid cell as in a fluid one, and
+    each component's error is divided by its variance (weight = 1/σ²)."""
+    from shodh.tokenizer.config import TokenizerConfig
+    from shodh.tokenizer.train import reconstruction_loss, spectral_loss
+
+    n = 32
+    truth = torch.zeros(1, 3, n, n, n)
+    mask = torch.zeros(1, n, n, n)
+    mask[0, :, :, :4] = 1  # a wall
+    weight = torch.tensor([1.0, 1.0, 4.0]).view(1, 3, 1, 1, 1)
+    cfg = TokenizerConfig(solid_weight=4.0, spectral_weight=0.0)
+
+    def cost(cell, component=0):
+        err = truth.clone()
+        err[0, component, cell[0], cell[1], cell[2]] = 1.0
+        return float(reconstruction_loss(err, truth, mask, weight, cfg, 10, 2))
+
+    fluid, solid = cost((5, 5, 10)), cost((5, 5, 1))
+    assert fluid > 0 and solid == pytest.approx(4.0 * fluid)
+    assert cost((5, 5, 10), component=2) == pytest.approx(4.0 * fluid)
+    uniform = TokenizerConfig(solid_weight=1.0, spectral_weight=0.0)
+    err = torch.randn(1, 3, n, n, n)
+    assert float(reconstruction_loss(err, truth, mask, torch.ones(1, 3, 1, 1, 1), uniform, 10, 2)) == \
+        pytest.approx(float(err.pow(2).mean()), rel=1e-6)
+    other, ones = err + 0.1 * torch.randn_like(err), torch.ones(1, 3, 1, 1, 1)
+    with_spectrum = dataclasses.replace(uniform, spectral_weight=0.05)
+    added = reconstruction_loss(err, other, mask, ones, with_spectrum, 10, 2) - \
+        reconstruction_loss(err, other, mask, ones, uniform, 10, 2)
+    assert float(added) == pytest.approx(0.05 * float(spectral_loss(err, other, 10, 2)), rel=1e-5)
+    assert float(added) > 0
 
 
 def test_patch_artifact_measures_see_blocks_and_not_smooth_fields():

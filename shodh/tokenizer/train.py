@@ -4,8 +4,10 @@ Data parallel over processes (torch DDP: gloo on CPU, nccl on GPU); each rank st
 share of the train shards. Loss (normalized units): per component c, mean (v̂_c - v_c)² / σ_c²
 with σ_c the domain's per-component std over the train split, i.e. the square of a VRMSE-like
 score, so weak components (u_z in the channel) are not drowned by the mean-flow component;
-plus `tokenizer.spectral_weight` times the log-spectrum term (`spectral_loss`), which keeps the
-weak small scales' energy.
+solid cells count `tokenizer.solid_weight` times (the decoder must cancel the mean flow there,
+and a smooth potential's curl would rather leak into the solids); plus
+`tokenizer.spectral_weight` times the log-spectrum term (`spectral_loss`), which keeps the weak
+small scales' energy (all in `reconstruction_loss`).
 State lives in ROOT/tokenizer/checkpoint.pt (model, optimizer, step; loadable with
 weights_only=True) and a rerun resumes from it; the final weights go to tokenizer.pt with
 tokenizer.json beside it. Metrics and figures go to ROOT/runs/<tokenizer.experiment>/<tokenizer.run_name>/
@@ -22,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as torch_dist
+from einops import rearrange
 
 from shodh.distributed import DistInfo, choose_device, init_process_group
 from shodh.errors import DataError
@@ -84,6 +87,18 @@ def spectral_loss(pred_BCXYZ: torch.Tensor, true_BCXYZ: torch.Tensor, k_max: int
         e_true_BS = energy_spectrum_BS(true_BCXYZ, modes_XYH)[:, 1 : k_max + 1]
         floor_B1 = 1e-12 * e_true_BS.sum(-1, keepdim=True)
     return (torch.log(e_pred_BS + floor_B1) - torch.log(e_true_BS + floor_B1)).pow(2).mean()
+
+
+def reconstruction_loss(pred_BCXYZ: torch.Tensor, true_BCXYZ: torch.Tensor, mask_BXYZ: torch.Tensor,
+                        weight_BC111: torch.Tensor, tcfg: TokenizerConfig, k_max: int, p: int) -> torch.Tensor:
+    """The training loss (normalized units): mean over cells of Σ_c (v̂_c - v_c)² / σ_c²
+    (`weight_BC111` = 1/σ_c² of each field's domain), solid cells counted `tcfg.solid_weight`
+    times, plus `tcfg.spectral_weight` x `spectral_loss`."""
+    cells_B1XYZ = rearrange(1 + (tcfg.solid_weight - 1) * mask_BXYZ, "b x y z -> b 1 x y z")
+    mse = ((pred_BCXYZ - true_BCXYZ).pow(2) * weight_BC111 * cells_B1XYZ).mean()
+    if not tcfg.spectral_weight:
+        return mse
+    return mse + tcfg.spectral_weight * spectral_loss(pred_BCXYZ, true_BCXYZ, k_max, p)
 
 
 def seam_ratio(u_BCXYZ: torch.Tensor, p: int) -> float:
@@ -219,7 +234,7 @@ def _train(cfg, root: Path, info: DistInfo) -> dict:
     identity = {"format": CHECKPOINT_FORMAT, "grid": manifest["grid"], "architecture": arch,
                 "raw_config_sha": manifest.get("config_sha"), "seed": cfg.seed, "steps": tcfg.steps,
                 "batch": tcfg.batch, "lr": tcfg.lr, "warmup": tcfg.warmup, "spectral_weight": tcfg.spectral_weight,
-                "world_size": info.world_size}
+                "solid_weight": tcfg.solid_weight,                "world_size": info.world_size}
     identity_sha = sha256_json(identity)
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
@@ -263,8 +278,7 @@ def _train(cfg, root: Path, info: DistInfo) -> dict:
             group["lr"] = lr_at(step, tcfg)
         _, w_pred = model(v, mask)
         v_pred = net.velocity(w_pred)
-        mse = ((v_pred - v).pow(2) * weight).mean()
-        loss = mse + tcfg.spectral_weight * spectral_loss(v_pred, v, k_max, net.p) if tcfg.spectral_weight else mse
+        loss = reconstruction_loss(v_pred, v, mask, weight, tcfg, k_max, net.p)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
