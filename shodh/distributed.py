@@ -155,18 +155,19 @@ def _free_port() -> int:
 
 
 def choose_device(requested: str, info: DistInfo):
-    """torch.device for this rank: "auto" = this rank's GPU when there is one, else the CPU (denormals
-    flushed to zero, see below); a bare "cuda" means this rank's GPU (LOCAL_RANK). A CUDA device is also made the current one."""
+    """torch.device for this rank: "auto" = this rank's GPU when there is one, else the CPU
+    (denormals flushed to zero, see below); a bare "cuda" means this rank's GPU (LOCAL_RANK).
+    A CUDA device is also made the current one."""
     import torch
 
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(requested)
     if device.type == "cpu":
-        # Flush denormals to zero. GELU's derivative underflows for strongly negative inputs, so
-        # backward passes carry float32 denormals into conv3d's backward, which then runs several
-        # times slower on x86 (tokenizer training measured 2.45 -> 4.17 fields/s over 200 demo
-        # steps, with identical losses); values below 1.2e-38 carry no information here.
+        # Flush denormals to zero. GELU's derivative nears underflow for strongly negative inputs, so
+        # backward passes carry float32 denormals into conv3d's backward, which slows down on x86
+        # as training goes on (tokenizer training: 2.45 -> 4.17 fields/s over 200 demo steps, the
+        # same losses); values below 1.2e-38 carry no information here.
         torch.set_flush_denormal(True)
     if device.type == "cuda":
         if device.index is None:

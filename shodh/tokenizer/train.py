@@ -234,7 +234,7 @@ def _train(cfg, root: Path, info: DistInfo) -> dict:
     identity = {"format": CHECKPOINT_FORMAT, "grid": manifest["grid"], "architecture": arch,
                 "raw_config_sha": manifest.get("config_sha"), "seed": cfg.seed, "steps": tcfg.steps,
                 "batch": tcfg.batch, "lr": tcfg.lr, "warmup": tcfg.warmup, "spectral_weight": tcfg.spectral_weight,
-                "solid_weight": tcfg.solid_weight,                "world_size": info.world_size}
+                "solid_weight": tcfg.solid_weight, "world_size": info.world_size}
     identity_sha = sha256_json(identity)
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
