@@ -300,6 +300,19 @@ def _val_frames(root: Path):
                 yield shard["domain"], sample
 
 
+def test_split_report_scores_the_train_split(trained_root):
+    """benchmarks/tokenizer_split.py (the README's over- / underfitting check) evaluates a split
+    that train-tokenizer does not: the trained tokenizer's train fields, both domains."""
+    script = REPO / "benchmarks" / "tokenizer_split.py"
+    out = subprocess.run([sys.executable, str(script), "--root", str(trained_root), "--split", "train",
+                          "--max-fields", "2"], capture_output=True, text=True, check=True, timeout=300)
+    report = json.loads(out.stdout)
+    assert report["tokenizer"] == load_tokenizer(trained_root).id and report["split"] == "train"
+    for domain in ("channel", "porous"):
+        assert 0 < report[f"train/{domain}/vrmse"] < 1  # trained: below the zero predictor's 1
+        assert f"val/{domain}/vrmse" not in report
+
+
 def test_training_lowers_reconstruction_error(trained_root):
     tok = load_tokenizer(trained_root)
     initial = _initial_net(trained_root)
