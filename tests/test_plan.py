@@ -88,7 +88,7 @@ def test_parameter_and_optimizer_memory_equal_deepspeeds_buffers(tmp_path):
     from test_pretrain import REPO, command, env
 
     overrides = ["model.dim=34", "model.heads=2", "model.expert_dim=50", "model.num_experts=4", "model.ep_size=2",
-                 "tokenizer.channels=3"]
+                 "tokenizer.channels=5"]
     cmd = command(2, [str(REPO / "tests" / "plan_probe.py"), str(tmp_path), *overrides])
     proc = subprocess.run(cmd, env=env(), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

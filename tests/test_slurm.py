@@ -106,11 +106,12 @@ def wait_for(env: dict[str, str], job: int, timeout: float, log: Path | None = N
         time.sleep(0.5)
 
 
-def wait_until(predicate, timeout: float, what: str) -> None:
+def wait_until(predicate, timeout: float, what: str, details=lambda: "") -> None:
+    """Poll `predicate` until true; on timeout fail with `details()` (job state, log tail)."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{details()}")
         time.sleep(0.3)
 
 
@@ -386,11 +387,14 @@ def test_pretrain_preempted_on_two_nodes_resumes_elastically_on_one(cluster, tmp
     root = tmp_path / "ws"
     make_latents(root)
     log = tmp_path / "elastic.out"
-    steps = 8
+    # Enough steps that USR1 lands mid-run: the smoke model takes milliseconds a step, and with 8
+    # steps the job had finished before the signal came whenever the machine was busy (the test
+    # then waited for a requeue that could not happen).
+    steps = 200
     job = sbatch({**cluster, "SHODH_ELASTIC": "1"}, "--nodes=2", "--ntasks-per-node=1", f"--output={log}",
                  str(REPO / "slurm" / "pretrain.sbatch"), "--profile", "smoke", "--root", str(root), "--run-name",
                  "elastic", "model.ep_size=2", f"train.max_steps={steps}", "train.ckpt_every=1000",
-                 "tracking.mlflow=false", cwd=tmp_path)
+                 "train.val_every=1000", "train.route_every=1000", "tracking.mlflow=false", cwd=tmp_path)
     run = root / "runs" / "shodh" / "elastic"
     drained = False
     try:
@@ -402,7 +406,7 @@ def test_pretrain_preempted_on_two_nodes_resumes_elastically_on_one(cluster, tmp
         drained = True
         subprocess.run(["scancel", "--signal=USR1", "--batch", str(job)], env=cluster, check=True, timeout=30)
         wait_until(lambda: job_info(cluster, job)["Restarts"] == "1" and job_info(cluster, job)["JobState"] == "PENDING",
-                   300, "the job to requeue")
+                   300, "the job to requeue", lambda: f"{job_info(cluster, job)}\n{log.read_text()[-3000:]}")
         subprocess.run(["scontrol", "update", f"jobid={job}", "numnodes=1", "numtasks=1"], env=cluster, check=True,
                        timeout=30)
         info = wait_for(cluster, job, 600, log)

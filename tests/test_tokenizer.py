@@ -120,7 +120,9 @@ def test_constant_mean_flow_is_representable():
         net.dec_out[-1].weight.zero_()
         # one window's features are (a e f c p q r): halves of each axis, then component-major
         net.dec_out[-1].bias.copy_(target.repeat_interleave((2 * net.p) ** 3 // 8).repeat(8))
-        w = net.decode(torch.randn(1, 4, 16, 16, 16), torch.zeros(1, 32, 32, 32))
+        z = torch.randn(1, 4, 16, 16, 16)
+        z[:, :3] = 0  # no low-pass velocity: the learned windows alone
+        w = net.decode(z, torch.zeros(1, 32, 32, 32))
     norm = Normalization.from_raw_stats({"channel": {"mean": [1.0, 0.0, 0.0], "std": [0.3, 0.1, 0.1]}})
     u = norm.denormalize(velocity(w.double(), "spectral"), "channel")
     expected = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64) + norm.scale["channel"] * target.double()
@@ -166,6 +168,25 @@ def test_decoder_is_equivariant_to_shifts_by_one_latent_voxel():
         w = net.decode(z, mask)
         w_shifted = net.decode(z.roll(3, dims=-1), mask.roll(3 * net.p, dims=-1))
     assert torch.allclose(w_shifted, w.roll(3 * net.p, dims=-1), atol=1e-5)
+
+
+def test_low_pass_channels_carry_the_large_scales_exactly():
+    """Latent channels 0..2 are the velocity's modes |k_i| < 8: for a field holding only those,
+    its point samples on the 16^3 grid; the decoder adds them back, so with the learned
+    windows silent such a field round-trips to float32 round-off."""
+    torch.manual_seed(0)
+    net = TokenizerNet(32, channels=5, width=8, hidden=16, blocks=1)
+    v = spectral.SpectralGrid(32).random_solenoidal(6.0, 1.0, torch.Generator().manual_seed(1))[None].float()
+    mask = (torch.rand(1, 32, 32, 32) > 0.8).float()
+    with torch.no_grad():
+        z = net.encode(v, mask)
+        assert z.shape == (1, 5, 16, 16, 16)
+        assert torch.allclose(z[0, :3], v[0, :, ::2, ::2, ::2], atol=1e-5)
+        net.dec_out[-1].weight.zero_()
+        net.dec_out[-1].bias.zero_()
+        assert torch.allclose(net.decode(z, mask), v, atol=1e-5)
+        z[:, :3] = 0
+        assert float(net.decode(z, mask).abs().max()) == 0.0
 
 
 @pytest.mark.parametrize("operator", spectral.OPERATORS)
@@ -281,6 +302,8 @@ def test_config_errors_name_the_field():
         load_config("smoke", ["tokenizer.window=1"])
     with pytest.raises(ConfigError, match=r"tokenizer\.operator"):
         load_config("smoke", ["tokenizer.operator=finite"])
+    with pytest.raises(ConfigError, match=r"tokenizer\.channels: must be > 3 \(channels 0\.\.2 hold the low-pass"):
+        load_config("smoke", ["tokenizer.channels=3"])
 
 
 # ---------------------------------------------------------------- train -> encode -> decode
@@ -510,3 +533,26 @@ def test_two_process_train_and_encode_with_the_deepspeed_launcher(raw_root, tmp_
     manifest = read_json(root / "latents" / info["id"] / "manifest.json")
     assert len(manifest["shards"]) == 8 and all(s["samples"] >= 1 for s in manifest["shards"])
     assert info["training"]["steps"] == 4
+
+
+def test_linear_reference_keeps_what_fits_in_the_latent():
+    """benchmarks/tokenizer_reference.py (the README's linear reference): a field whose energy
+    fits in the latent's budget is kept exactly; a richer one loses the least energetic modes,
+    less with more channels; and the budget counts 2 real degrees of freedom per mode."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import tokenizer_reference as ref
+    finally:
+        sys.path.pop(0)
+    grid = spectral.SpectralGrid(32)
+    gen = torch.Generator().manual_seed(0)
+    smooth = [grid.random_solenoidal(3.0, 1.0, gen) for _ in range(2)]  # ~120 modes: fits in C = 1
+    assert ref.reference_vrmse(smooth, smooth, 1) < 1e-10
+    rich = [grid.random_solenoidal(10.0, 1.0, gen) for _ in range(3)]  # ~4,200 modes: 8,400 reals
+    errors = [ref.reference_vrmse(rich[:2], rich[2:], c) for c in (1, 2, 4)]  # 4,096 / 8,192 / 16,384 reals
+    assert errors[0] > errors[1] > 0.05 and errors[2] < 1e-10, errors
+    keep_XYH = ref.kept_modes_XYH(ref.mode_order_XYH(rich), 4096)
+    _, weights_XYH = ref._shells_and_weights_XYH(32, torch.device("cpu"))
+    dof_XYH = 2 * weights_XYH
+    dof_XYH[0, 0, 0] = 3  # the mean flow
+    assert 4096 - 4 < float((dof_XYH * keep_XYH).sum()) <= 4096
