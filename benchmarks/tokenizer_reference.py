@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shodh.fields.metrics import _shells_and_weights_XYH, vrmse_BC
+from shodh.fields.metrics import shells_and_weights_XYH, vrmse_BC
 from shodh.fields.spectral import fft, ifft
 from shodh.tokenizer.data import load_raw_manifest, raw_frames, shards_of
 from shodh.workspace import LATENT
@@ -46,7 +46,7 @@ def mode_order_XYH(train: list[torch.Tensor]) -> torch.Tensor:
 def kept_modes_XYH(order_XYH: torch.Tensor, budget: int) -> torch.Tensor:
     """1 for the most energetic modes whose real degrees of freedom fit in `budget`, else 0."""
     n = order_XYH.shape[0]
-    _, weights_XYH = _shells_and_weights_XYH(n, torch.device("cpu"))
+    _, weights_XYH = shells_and_weights_XYH(n, torch.device("cpu"))
     dof_XYH = 2 * weights_XYH
     dof_XYH[0, 0, 0] = 3  # the mean flow: three free components
     by_rank = torch.empty(order_XYH.numel(), dtype=torch.float64)

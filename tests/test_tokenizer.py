@@ -26,7 +26,7 @@ from shodh import cli
 from shodh.config import load_config
 from shodh.errors import ConfigError
 from shodh.fields import spectral
-from shodh.fields.metrics import energy_spectrum_BS, vrmse_BC
+from shodh.fields.metrics import energy_spectrum_BS, shells_and_weights_XYH, vrmse_BC
 from shodh.fields.normalization import Normalization
 from shodh.io import iter_shard, read_json, sha256_file
 from shodh.physics import simulate
@@ -552,7 +552,7 @@ def test_linear_reference_keeps_what_fits_in_the_latent():
     errors = [ref.reference_vrmse(rich[:2], rich[2:], c) for c in (1, 2, 4)]  # 4,096 / 8,192 / 16,384 reals
     assert errors[0] > errors[1] > 0.05 and errors[2] < 1e-10, errors
     keep_XYH = ref.kept_modes_XYH(ref.mode_order_XYH(rich), 4096)
-    _, weights_XYH = ref._shells_and_weights_XYH(32, torch.device("cpu"))
+    _, weights_XYH = shells_and_weights_XYH(32, torch.device("cpu"))
     dof_XYH = 2 * weights_XYH
     dof_XYH[0, 0, 0] = 3  # the mean flow
     assert 4096 - 4 < float((dof_XYH * keep_XYH).sum()) <= 4096

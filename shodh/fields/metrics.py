@@ -45,7 +45,7 @@ def vrmse_BC(pred_BCXYZ: torch.Tensor, true_BCXYZ: torch.Tensor, eps: float = EP
     return (err_BC / (var_BC + eps)).sqrt()
 
 
-def _shells_and_weights_XYH(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def shells_and_weights_XYH(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Shell index round(|k|) [X, Y, H] int64 of every rfft mode of an N^3 grid, and its weight
     [X, Y, H]: 2 for 0 < kz < N/2 (the mode stands for itself and its conjugate), else 1."""
     k_X, k_H = wavenumbers(n, dtype=torch.float64, device=device)  # box 2π: integer wavenumbers
@@ -65,7 +65,7 @@ def energy_spectrum_BS(u_BCXYZ: torch.Tensor, modes_XYH: torch.Tensor | None = N
     largest shell of the cube's corners (round(√3 N/2)). Uses the real FFT (half the work).
     modes_XYH (0/1 per rfft mode) restricts the sums to a subset of the modes."""
     n = u_BCXYZ.shape[-1]
-    shells_XYH, weights_XYH = _shells_and_weights_XYH(n, u_BCXYZ.device)
+    shells_XYH, weights_XYH = shells_and_weights_XYH(n, u_BCXYZ.device)
     if modes_XYH is not None:
         weights_XYH = weights_XYH * modes_XYH
     uh_BCXYH = fft(u_BCXYZ)
