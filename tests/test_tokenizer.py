@@ -24,7 +24,7 @@ import torch
 
 from shodh import cli
 from shodh.config import load_config
-from shodh.errors import ConfigError
+from shodh.errors import ConfigError, DataError
 from shodh.fields import spectral
 from shodh.fields.metrics import energy_spectrum_BS, shells_and_weights_XYH, vrmse_BC
 from shodh.fields.normalization import Normalization
@@ -377,6 +377,17 @@ def test_checkpoint_loads_with_weights_only_and_id_is_its_sha(trained_root):
     assert info["sha256"] == sha256_file(folder / "tokenizer.pt") and info["id"] == info["sha256"][:16]
     torch.load(folder / "checkpoint.pt", weights_only=True)  # resumable state is pickle-free too
     assert {"mean", "scale", "std"} <= set(info["normalization"]["porous"])
+
+
+def test_tokenizer_of_an_older_format_is_refused_naming_its_file(trained_root, tmp_path):
+    """A tokenizer.json of another format (e.g. one trained before the low-pass channels) is
+    refused by name, not loaded into a network it does not fit."""
+    folder = tmp_path / "tokenizer"
+    shutil.copytree(trained_root / "tokenizer", folder)
+    info = read_json(folder / "tokenizer.json")
+    (folder / "tokenizer.json").write_text(json.dumps({**info, "format": "shodh-tokenizer-2"}))
+    with pytest.raises(DataError, match=r"tokenizer\.json: format 'shodh-tokenizer-2', expected 'shodh-tokenizer-3'"):
+        load_tokenizer(tmp_path)
 
 
 def test_latent_shards_carry_the_tokenizer_id_and_decode_back(trained_root):
