@@ -8,11 +8,15 @@ from typing import Literal
 from shodh.errors import check
 from shodh.workspace import check_name
 
+# Latent channels 0..LOWPASS-1 hold the normalized velocity's modes |k_i| < 8 on the 16^3 grid
+# (`model.TokenizerNet`); the network learns the others.
+LOWPASS = 3
+
 
 @dataclass
 class TokenizerConfig:
     # architecture (part of the tokenizer's identity)
-    channels: int = 8  # C: latent channels per 16^3 voxel, the first 3 the low-pass velocity (model.LOWPASS)
+    channels: int = 8  # C: latent channels per 16^3 voxel, the first LOWPASS the low-pass velocity
     width: int = 32  # conv width on the 16^3 grid
     hidden: int = 64  # width of the per-patch MLPs that fold / unfold p^3 patches
     blocks: int = 2  # residual 3^3 conv blocks in the encoder and in the decoder
@@ -46,7 +50,8 @@ class TokenizerConfig:
     def validate(self) -> None:
         for name in ("channels", "width", "hidden", "steps", "batch", "checkpoint_every", "encode_batch"):
             check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
-        check(self.channels > 3, "channels", f"must be > 3 (channels 0..2 hold the low-pass velocity), got {self.channels}")
+        check(self.channels > LOWPASS, "channels",
+              f"must be > {LOWPASS} (channels 0..{LOWPASS - 1} hold the low-pass velocity), got {self.channels}")
         check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         check(self.spectral_weight >= 0, "spectral_weight", f"must be >= 0, got {self.spectral_weight}")
         check(self.solid_weight > 0, "solid_weight", f"must be > 0, got {self.solid_weight}")

@@ -46,12 +46,11 @@ from shodh.errors import DataError, ShodhError
 from shodh.fields import spectral
 from shodh.fields.normalization import Normalization
 from shodh.io import read_json, sha256_file
+from shodh.tokenizer.config import LOWPASS
 from shodh.workspace import LATENT, tokenizer_dir
 
 # 2: overlapping decoder windows, band-limited potential; 3: the low-pass latent channels
 CHECKPOINT_FORMAT = "shodh-tokenizer-3"
-# Latent channels 0..2 hold the normalized velocity's modes |k_i| < 8 on the 16^3 grid (`TokenizerNet`).
-LOWPASS = 3
 
 
 def patch_size(grid: int) -> int:
