@@ -11,7 +11,9 @@ Every other mode is zeroed, and the split's fields are scored with the tokenizer
 
     .venv/bin/python benchmarks/tokenizer_reference.py --root ROOT [--split val] [--channels 4 8 16]
 
-Prints one JSON object: {"split", "grid", "channels": {C: {domain: vrmse}}}.
+Prints one JSON object: {"split", "grid", "channels": {C: {domain: vrmse}},
+"components": {C: {domain: [vrmse of u_x, u_y, u_z]}}} (the tokenizer logs the same split as
+`<split>/<domain>/vrmse_ux` ... `_uz`).
 """
 
 from __future__ import annotations
@@ -55,12 +57,17 @@ def kept_modes_XYH(order_XYH: torch.Tensor, budget: int) -> torch.Tensor:
     return fits[order_XYH].double()
 
 
-def reference_vrmse(train: list[torch.Tensor], fields: list[torch.Tensor], channels: int) -> float:
-    """Mean VRMSE of `fields` kept to the train split's most energetic modes that a
-    16^3 x `channels` latent could hold."""
+def reference_vrmse_C(train: list[torch.Tensor], fields: list[torch.Tensor], channels: int) -> np.ndarray:
+    """VRMSE per velocity component [3], averaged over `fields`, of the fields kept to the train
+    split's most energetic modes that a 16^3 x `channels` latent could hold."""
     n = fields[0].shape[-1]
     keep_XYH = kept_modes_XYH(mode_order_XYH(train), channels * LATENT**3)
-    return float(np.mean([float(vrmse_BC(ifft(fft(u) * keep_XYH, n)[None], u[None]).mean()) for u in fields]))
+    return np.mean([vrmse_BC(ifft(fft(u) * keep_XYH, n)[None], u[None])[0].numpy() for u in fields], axis=0)
+
+
+def reference_vrmse(train: list[torch.Tensor], fields: list[torch.Tensor], channels: int) -> float:
+    """The tokenizer's score (VRMSE averaged over components) of `reference_vrmse_C`."""
+    return float(reference_vrmse_C(train, fields, channels).mean())
 
 
 def main() -> None:
@@ -70,13 +77,15 @@ def main() -> None:
     parser.add_argument("--channels", type=int, nargs="+", default=[4, 8, 16])
     args = parser.parse_args()
     manifest = load_raw_manifest(args.root)
-    out: dict = {"split": args.split, "grid": manifest["grid"], "channels": {}}
+    out: dict = {"split": args.split, "grid": manifest["grid"], "channels": {}, "components": {}}
     for domain in manifest["domains"]:
         train, fields = fields_of(manifest, args.root, "train", domain), fields_of(manifest, args.root, args.split, domain)
         if not train or not fields:
             continue
         for c in args.channels:
-            out["channels"].setdefault(c, {})[domain] = round(reference_vrmse(train, fields, c), 4)
+            vrmse_C = reference_vrmse_C(train, fields, c)
+            out["channels"].setdefault(c, {})[domain] = round(float(vrmse_C.mean()), 4)
+            out["components"].setdefault(c, {})[domain] = [round(float(v), 4) for v in vrmse_C]
     print(json.dumps(out))
 
 

@@ -361,6 +361,8 @@ def test_training_lowers_reconstruction_error(trained_root):
         for key in ("vrmse", "mse", "spectrum_ratio_min", "spectrum_ratio_max", "vrmse_low", "vrmse_mid", "vrmse_high",
                     "seam_ratio", "seam_ratio_raw"):
             assert f"val/{domain}/{key}" in final, key
+        per_component = [final[f"val/{domain}/vrmse_u{axis}"] for axis in "xyz"]
+        assert final[f"val/{domain}/vrmse"] == pytest.approx(np.mean(per_component), rel=1e-12)
         assert f"val/{domain}/comb_ratio" not in final  # at 32³ the comb (|k_i| = 16) lies past the band (10)
         assert 0 < final[f"val/{domain}/spectrum_ratio_min"] <= final[f"val/{domain}/spectrum_ratio_max"]
     assert final["audit/rel_max"] <= 1e-12

@@ -146,8 +146,10 @@ class TokenizerNet(nn.Module):
         and the half-patch shift that centres the windows."""
         p = self.p
         h = rearrange(win_Bxyzk, "b x y z (a e f k) -> a e f b x y z k", a=2, e=2, f=2)
-        for _ in range(3):  # x, then y, then z: the summed axis is always dim 3 after indexing
-            h = h[0] + torch.roll(h[1], 1, dims=3)
+        for _ in range(3):  # x, then y, then z: the summed axis is always dim 3 after unbinding
+            # unbind, not h[0] / h[1]: each index's backward would zero-fill a full-size buffer
+            first, second = h.unbind(0)
+            h = first + torch.roll(second, 1, dims=3)
         out = rearrange(h, "b x y z (c p q r) -> b c (x p) (y q) (z r)", c=3, p=p, q=p, r=p)
         return torch.roll(out, shifts=(-(p // 2),) * 3, dims=(-3, -2, -1))
 

@@ -123,6 +123,8 @@ def evaluate(net: TokenizerNet, norm: Normalization, manifest: dict, root: Path,
     same for the simulator's field (Brinkman penalization leaves a little flow in solids too).
     spectrum_ratio_min / _max: the extremes over shells 1..k_max (the data's band, else N/2) of
     the decoded over the true energy spectrum, both averaged over the split's fields.
+    vrmse_ux / _uy / _uz: the VRMSE of each velocity component (`vrmse` is their mean; a weak
+    component, like the channel's u_y and u_z, weighs as much as the mean-flow one).
     vrmse_low / _mid / _high: sqrt(Σ E_err / Σ E_true) over the shells of each band
     (`fields.metrics.band_edges`), i.e. a VRMSE restricted to those scales.
     seam_ratio (decoded) / seam_ratio_raw (the truth): `seam_ratio` at the patch size p (p > 1);
@@ -138,7 +140,7 @@ def evaluate(net: TokenizerNet, norm: Normalization, manifest: dict, root: Path,
     comb_XYH = patch_comb_XYH(n, net.p, device) if net.p > 1 and n // net.p <= k_max else None
     metrics, figures = {}, {}
     for domain in manifest["domains"]:
-        acc: dict[str, list] = {"mse": [], "vrmse": [], "leak": [], "leak_raw": [], "div": [], "spectra": [],
+        acc: dict[str, list] = {"mse": [], "vrmse_c": [], "leak": [], "leak_raw": [], "div": [], "spectra": [],
                                 "seam": [], "seam_raw": [], "comb": []}
         seen = 0
         for shard in (s for s in shards_of(manifest, root, split) if s["domain"] == domain):
@@ -152,7 +154,7 @@ def evaluate(net: TokenizerNet, norm: Normalization, manifest: dict, root: Path,
                 _, rec = reconstruct(net, norm, u_t, m_t, domain)
                 truth = u_t.double()
                 acc["mse"].append(float((rec - truth).pow(2).mean()))
-                acc["vrmse"].append(float(vrmse_BC(rec, truth).mean()))
+                acc["vrmse_c"].append(vrmse_BC(rec, truth)[0].cpu().numpy())
                 acc["div"].append(divergence_stats(rec, net.operator)["rel_max"])
                 if comb_XYH is not None:
                     acc["comb"].append(float(energy_spectrum_BS(rec, comb_XYH).sum() / energy_spectrum_BS(truth, comb_XYH).sum()))
@@ -175,7 +177,9 @@ def evaluate(net: TokenizerNet, norm: Normalization, manifest: dict, root: Path,
         ratio_S = e_rec_S[1 : k_max + 1] / e_true_S[1 : k_max + 1].clamp_min(1e-300)
         prefix = f"{split}/{domain}"
         metrics[f"{prefix}/mse"] = float(np.mean(acc["mse"]))
-        metrics[f"{prefix}/vrmse"] = float(np.mean(acc["vrmse"]))
+        vrmse_c = np.mean(acc["vrmse_c"], axis=0)
+        metrics[f"{prefix}/vrmse"] = float(vrmse_c.mean())
+        metrics.update({f"{prefix}/vrmse_u{axis}": float(v) for axis, v in zip("xyz", vrmse_c)})
         metrics[f"{prefix}/divergence_max"] = float(np.max(acc["div"]))
         if acc["seam"]:
             metrics[f"{prefix}/seam_ratio"] = float(np.mean(acc["seam"]))
