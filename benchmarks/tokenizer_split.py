@@ -29,7 +29,7 @@ def main() -> None:
     device = choose_device(args.device, dist_info())
     tokenizer = load_tokenizer(args.root, device)
     metrics, _ = evaluate(tokenizer.net, tokenizer.norm, load_raw_manifest(args.root), args.root, args.split,
-                          args.max_fields, device)
+                          args.max_fields, device, tokenizer.gains)
     print(json.dumps({"tokenizer": tokenizer.id, "split": args.split, **metrics}))
 
 

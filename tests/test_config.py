@@ -49,7 +49,6 @@ def test_precedence_defaults_yaml_overrides():
         ("nosuchsection.x=1", "nosuchsection"),
         ("sim.grid.x=1", "sim.grid"),
         ("tokenizer.solid_weight=0", "tokenizer.solid_weight"),
-        ("tokenizer.spectral_weight=-1", "tokenizer.spectral_weight"),
     ],
 )
 def test_bad_values_name_the_field(override, field):

@@ -20,7 +20,7 @@ from shodh.fields.normalization import Normalization
 from shodh.fields.spectral import divergence_stats, resample, resample_mask
 from shodh.physics.solver import band_limit
 from shodh.tokenizer.data import data_band, load_raw_manifest, raw_frames, shards_of
-from shodh.tokenizer.model import TokenizerNet, build_net, load_tokenizer
+from shodh.tokenizer.model import TokenizerNet, build_net, decode_physical, load_tokenizer
 from shodh.workspace import LATENT, raw_manifest_path, tokenizer_dir
 
 
@@ -54,9 +54,10 @@ def audit_fields(u_BCXYZ: torch.Tensor, operator: str) -> dict:
 
 @torch.no_grad()
 def audit_net(net: TokenizerNet, norm: Normalization, manifest: dict | None,
-              root: Path, device: torch.device, seed: int = 0) -> dict:
-    """Audit one decoder at its own grid: random latents + real encodings; the summary keys
-    (max_abs, rel_max, rel_rms) are the worst case over all cases."""
+              root: Path, device: torch.device, seed: int = 0, gains: dict | None = None) -> dict:
+    """Audit one decoder at its own grid (with its spectral `gains` when it has them): random
+    latents + real encodings; the summary keys (max_abs, rel_max, rel_rms) are the worst case
+    over all cases."""
     n, operator = net.grid, net.operator
     fields = real_fields(manifest, root, n) if manifest else []
     masks = torch.stack([m for _, _, m in fields]) if fields else torch.zeros(2, n, n, n)
@@ -65,9 +66,8 @@ def audit_net(net: TokenizerNet, norm: Normalization, manifest: dict | None,
     w = net.decode(z.to(device), masks.to(device))
     cases = {"random_latent": audit_fields(net.velocity(w.double()), operator)}
     for domain, u, mask in fields:
-        v = norm.normalize(u[None].float().to(device), domain)
-        z_enc = net.encode(v, mask[None].to(device))
-        decoded = norm.denormalize(net.velocity(net.decode(z_enc, mask[None].to(device)).double()), domain)
+        z_enc = net.encode(norm.normalize(u[None].float().to(device), domain), mask[None].to(device))
+        decoded = decode_physical(net, norm, z_enc, mask[None].to(device), domain, gains)
         cases[f"encoded_{domain}"] = audit_fields(decoded, operator)
     worst = {k: max(c[k] for c in cases.values()) for k in ("max_abs", "rel_max", "rel_rms")}
     return {"operator": operator, "dtype": "float64", "grid": n, **worst, "cases": cases}
@@ -82,13 +82,13 @@ def run_audit(cfg, root: Path, grid: int | None = None) -> dict:
     # Any raw grid will do: real fields are resampled to n^3.
     manifest = load_raw_manifest(root) if raw.exists() else None
     if tok is not None and tok.grid == n:
-        net, norm, weights = tok.net, tok.norm, f"trained {tok.id}"
+        net, norm, gains, weights = tok.net, tok.norm, tok.gains, f"trained {tok.id}"
     else:
         torch.manual_seed(cfg.seed)
         # The band a tokenizer trained on this data would get, at the audited grid.
         band = band_limit(n) if manifest is None or data_band(manifest) is not None else None
-        net, weights = build_net({**cfg.tokenizer.architecture(), "band": band}, n).eval(), "random-init"
+        net, gains, weights = build_net({**cfg.tokenizer.architecture(), "band": band}, n).eval(), None, "random-init"
         norm = tok.norm if tok else Normalization.from_raw_stats(manifest["stats"] if manifest else {})
-    report = audit_net(net, norm, manifest, root, torch.device("cpu"), seed=cfg.seed)
+    report = audit_net(net, norm, manifest, root, torch.device("cpu"), seed=cfg.seed, gains=gains)
     return {**report, "weights": weights, "relative_to": "rms |grad u| (Frobenius), same operator",
             "target_rel_max": 1e-12, "ok": report["rel_max"] <= 1e-12}

@@ -26,8 +26,6 @@ class TokenizerConfig:
     batch: int = 2  # fields per process per step
     lr: float = 2e-3
     warmup: int = 20
-    # weight of the log-spectrum term (train.spectral_loss) beside the MSE; 0 turns it off
-    spectral_weight: float = 0.05
     # loss weight of a solid cell relative to a fluid cell: 4 halves the decoded velocity in solids
     # (leak_solid) at the same VRMSE; 8 lowers it further but costs VRMSE (README, Stage 2)
     solid_weight: float = 4.0
@@ -53,7 +51,6 @@ class TokenizerConfig:
         check(self.channels > LOWPASS, "channels",
               f"must be > {LOWPASS} (channels 0..{LOWPASS - 1} hold the low-pass velocity), got {self.channels}")
         check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
-        check(self.spectral_weight >= 0, "spectral_weight", f"must be >= 0, got {self.spectral_weight}")
         check(self.solid_weight > 0, "solid_weight", f"must be > 0, got {self.solid_weight}")
         for name in ("blocks", "warmup", "eval_every", "shuffle_buffer", "eval_fields", "threads"):
             check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")

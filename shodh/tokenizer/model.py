@@ -44,13 +44,15 @@ from torch import nn
 
 from shodh.errors import DataError, ShodhError
 from shodh.fields import spectral
+from shodh.fields.metrics import shells_and_weights_XYH
 from shodh.fields.normalization import Normalization
 from shodh.io import read_json, sha256_file
 from shodh.tokenizer.config import LOWPASS
 from shodh.workspace import LATENT, tokenizer_dir
 
-# 2: overlapping decoder windows, band-limited potential; 3: the low-pass latent channels
-CHECKPOINT_FORMAT = "shodh-tokenizer-3"
+# 2: overlapping decoder windows, band-limited potential; 3: the low-pass latent channels;
+# 4: the per-domain spectral gain of tokenizer.json applied on decode
+CHECKPOINT_FORMAT = "shodh-tokenizer-4"
 
 
 def patch_size(grid: int) -> int:
@@ -197,6 +199,24 @@ def velocity(w_BCXYZ: torch.Tensor, operator: str, band: int | None = None) -> t
     return mean_BC111 + spectral.curl(spectral.biot_savart(w_BCXYZ, band=band), operator)
 
 
+def equalize(v_BCXYZ: torch.Tensor, gain_S: torch.Tensor) -> torch.Tensor:
+    """Each Fourier mode of v times the gain of its shell (round |k|; `gain_S` has one entry per
+    shell of `fields.metrics.energy_spectrum_BS`, shell 0, the mean, has gain 1): a real Fourier
+    multiplier like the curl, so v stays divergence-free and band-limited."""
+    n = v_BCXYZ.shape[-1]
+    shells_XYH, _ = shells_and_weights_XYH(n, v_BCXYZ.device)
+    return spectral.ifft(spectral.fft(v_BCXYZ) * gain_S.to(v_BCXYZ.device, v_BCXYZ.dtype)[shells_XYH], n)
+
+
+def decode_physical(net: TokenizerNet, norm: Normalization, z_Bcxyz: torch.Tensor, mask_BXYZ: torch.Tensor,
+                    domain: str, gains: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Latent -> physical velocity float64 [B, 3, N, N, N]: the network's w, mean + curl A in
+    float64, the domain's spectral gain (when given), denormalized. Every decode goes through here."""
+    u = norm.denormalize(net.velocity(net.decode(z_Bcxyz.float(), mask_BXYZ.float()).double()), domain)
+    # after denormalize (which names an unknown domain); the gain keeps the mean, so the order is free
+    return u if gains is None else equalize(u, gains[domain])
+
+
 def build_net(arch: dict, grid: int) -> TokenizerNet:
     """The network for an architecture dict (`TokenizerConfig.architecture()` plus the data's
     `band`) and field grid."""
@@ -209,7 +229,8 @@ class Tokenizer:
 
     encode(u [B,3,N,N,N] physical, mask [B,N,N,N], domain) -> z float32 [B,C,16,16,16]
     decode(z [B,C,16,16,16], mask [B,N,N,N], domain) -> u float64 [B,3,N,N,N] physical,
-        divergence-free to round-off under `self.operator` (curl in float64)
+        divergence-free to round-off under `self.operator` (curl in float64), with the domain's
+        spectral gain (tokenizer.json `spectral_gain`, fit on the train split by train-tokenizer)
     """
 
     def __init__(self, net: TokenizerNet, info: dict, device: str | torch.device = "cpu"):
@@ -220,6 +241,7 @@ class Tokenizer:
         self.channels: int = info["config"]["channels"]
         self.operator: str = info["config"]["operator"]
         self.norm = Normalization.from_json(info["normalization"])
+        self.gains = {d: torch.tensor(g, dtype=torch.float64) for d, g in info["spectral_gain"].items()}
 
     @torch.no_grad()
     def encode(self, u_BCXYZ: torch.Tensor, mask_BXYZ: torch.Tensor, domain: str) -> torch.Tensor:
@@ -228,8 +250,8 @@ class Tokenizer:
 
     @torch.no_grad()
     def decode(self, z_Bcxyz: torch.Tensor, mask_BXYZ: torch.Tensor, domain: str) -> torch.Tensor:
-        w = self.net.decode(z_Bcxyz.to(self.device, torch.float32), mask_BXYZ.to(self.device, torch.float32))
-        return self.norm.denormalize(self.net.velocity(w.double()), domain)
+        return decode_physical(self.net, self.norm, z_Bcxyz.to(self.device), mask_BXYZ.to(self.device), domain,
+                               self.gains)
 
 
 def load_tokenizer(root_or_dir: str | Path, device: str | torch.device = "cpu") -> Tokenizer:

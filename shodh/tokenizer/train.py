@@ -5,9 +5,9 @@ share of the train shards. Loss (normalized units): per component c, mean (v̂_c
 with σ_c the domain's per-component std over the train split, i.e. the square of a VRMSE-like
 score, so weak components (u_z in the channel) are not drowned by the mean-flow component;
 solid cells count `tokenizer.solid_weight` times (the decoder must cancel the mean flow there,
-and a smooth potential's curl would rather leak into the solids); plus
-`tokenizer.spectral_weight` times the log-spectrum term (`spectral_loss`), which keeps the weak
-small scales' energy (all in `reconstruction_loss`).
+and a smooth potential's curl would rather leak into the solids); all in `reconstruction_loss`.
+No spectral term: after training, `fit_spectral_gain` lifts the shells the decoder under-fills
+(see there), which costs far less VRMSE than asking the network for the energy.
 State lives in ROOT/tokenizer/checkpoint.pt (model, optimizer, step; loadable with
 weights_only=True) and a rerun resumes from it; the final weights go to tokenizer.pt with
 tokenizer.json beside it. Metrics and figures go to ROOT/runs/<tokenizer.experiment>/<tokenizer.run_name>/
@@ -36,7 +36,7 @@ from shodh.io import RunLock, sha256_file, sha256_json, write_atomic, write_json
 from shodh.schedule import lr_factor
 from shodh.tokenizer.config import TokenizerConfig
 from shodh.tokenizer.data import data_band, load_raw_manifest, raw_frames, shards_of, stream_fields
-from shodh.tokenizer.model import CHECKPOINT_FORMAT, TokenizerNet, build_net
+from shodh.tokenizer.model import CHECKPOINT_FORMAT, TokenizerNet, build_net, decode_physical
 from shodh.tracking import Tracker
 from shodh.workspace import HELD_OUT, LATENT, lock_file, tokenizer_dir
 from shodh.workspace import run_dir as workspace_run_dir
@@ -53,12 +53,58 @@ def setup_process(cfg: TokenizerConfig, info: DistInfo) -> torch.device:
     return device
 
 
-def reconstruct(net: TokenizerNet, norm: Normalization, u_BCXYZ: torch.Tensor,
-                mask_BXYZ: torch.Tensor, domain: str) -> tuple[torch.Tensor, torch.Tensor]:
+def reconstruct(net: TokenizerNet, norm: Normalization, u_BCXYZ: torch.Tensor, mask_BXYZ: torch.Tensor,
+                domain: str, gains: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode + decode physical fields; returns (latent float32, velocity float64 physical)."""
-    v = norm.normalize(u_BCXYZ.float(), domain)
-    z = net.encode(v, mask_BXYZ.float())
-    return z, norm.denormalize(net.velocity(net.decode(z, mask_BXYZ.float()).double()), domain)
+    z = net.encode(norm.normalize(u_BCXYZ.float(), domain), mask_BXYZ.float())
+    return z, decode_physical(net, norm, z, mask_BXYZ, domain, gains)
+
+
+# Train fields per domain whose mean spectrum sets the spectral gain (the mean of 64 is converged
+# to a few percent per shell; more only costs time at large grids).
+GAIN_FIELDS = 64
+
+
+@torch.no_grad()
+def fit_spectral_gain(net: TokenizerNet, norm: Normalization, manifest: dict, root: Path,
+                      device: torch.device) -> dict[str, list[float]]:
+    """Per domain and shell, sqrt(max(1, E_true(k) / E_decoded(k))) of the mean energy spectra
+    over the train split's fields, for shells 1..K (the data's band, else N/2); 1 elsewhere.
+
+    A decoder trained for the least squared error returns, at scales whose phases the latent
+    does not pin down, a damped estimate (the conditional mean): its spectrum falls below the
+    truth's in the finest shells (to 0.21-0.26 of it at shell 21 on the demo's data). Lifting
+    those shells back with a fixed per-shell gain g costs (g - 1)² E_decoded(k) of squared error
+    there, little, because E_decoded is small where g is large; asking the network for that
+    energy through a spectral loss term cost more VRMSE (README, Stage 2). The gain
+    is a real Fourier multiplier (`model.equalize`): decoded fields stay divergence-free and
+    band-limited. It only lifts: shells the decoder over-fills keep gain 1."""
+    net.eval()
+    n = manifest["grid"]
+    k_max = net.band or n // 2
+    gains = {}
+    for domain in manifest["domains"]:
+        e_true, e_rec, seen = 0.0, 0.0, 0
+        for shard in (s for s in shards_of(manifest, root, "train") if s["domain"] == domain):
+            for u, mask, _ in raw_frames(shard):
+                if seen >= GAIN_FIELDS:
+                    continue  # read on to the shard's end: its checksum is verified there
+                u_t = torch.from_numpy(u)[None].to(device)
+                _, rec = reconstruct(net, norm, u_t, torch.from_numpy(mask.astype(np.float32))[None].to(device), domain)
+                e_true = e_true + energy_spectrum_BS(u_t.double())[0]
+                e_rec = e_rec + energy_spectrum_BS(rec)[0]
+                seen += 1
+            if seen >= GAIN_FIELDS:
+                break
+        if not seen:
+            raise DataError(f"{Path(root) / 'raw' / 'manifest.json'}: no train field of domain '{domain}' "
+                            "to fit the tokenizer's spectral gain on")
+        gain_S = torch.ones_like(e_true)
+        shells = slice(1, k_max + 1)
+        gain_S[shells] = (e_true[shells] / e_rec[shells].clamp_min(1e-300)).clamp_min(1).sqrt()
+        gains[domain] = [float(g) for g in gain_S.cpu()]
+    net.train()
+    return gains
 
 
 def patch_comb_XYH(n: int, p: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -71,34 +117,13 @@ def patch_comb_XYH(n: int, p: int, device: torch.device | str = "cpu") -> torch.
     return (on_X.view(n, 1, 1) | on_X.view(1, n, 1) | on_H.view(1, 1, -1)).double()
 
 
-def spectral_loss(pred_BCXYZ: torch.Tensor, true_BCXYZ: torch.Tensor, k_max: int, p: int) -> torch.Tensor:
-    """Mean over shells 1..k_max of (log E_pred(k) - log E_true(k))²: the per-shell energy ratio
-    on a log scale, so an under-resolved band counts as much as an energetic one. An MSE loss
-    alone lets the decoder drop the weak small scales (their error is a tiny share of the MSE);
-    this term asks for their energy. The shells leave out the patch comb (`patch_comb_XYH`):
-    otherwise the cheapest energy the decoder can add at |k| ≈ N/p is one pattern repeated in
-    every patch (measured: stripes on the porous error, 2.4x the true energy at shell 16). Each
-    shell's energy is floored at 1e-12 of the field's fluctuation energy so empty shells cannot
-    dominate."""
-    n = pred_BCXYZ.shape[-1]
-    modes_XYH = (1 - patch_comb_XYH(n, p, pred_BCXYZ.device)).to(pred_BCXYZ.dtype) if p > 1 else None
-    e_pred_BS = energy_spectrum_BS(pred_BCXYZ, modes_XYH)[:, 1 : k_max + 1]
-    with torch.no_grad():
-        e_true_BS = energy_spectrum_BS(true_BCXYZ, modes_XYH)[:, 1 : k_max + 1]
-        floor_B1 = 1e-12 * e_true_BS.sum(-1, keepdim=True)
-    return (torch.log(e_pred_BS + floor_B1) - torch.log(e_true_BS + floor_B1)).pow(2).mean()
-
-
 def reconstruction_loss(pred_BCXYZ: torch.Tensor, true_BCXYZ: torch.Tensor, mask_BXYZ: torch.Tensor,
-                        weight_BC111: torch.Tensor, tcfg: TokenizerConfig, k_max: int, p: int) -> torch.Tensor:
+                        weight_BC111: torch.Tensor, tcfg: TokenizerConfig) -> torch.Tensor:
     """The training loss (normalized units): mean over cells of Σ_c (v̂_c - v_c)² / σ_c²
     (`weight_BC111` = 1/σ_c² of each field's domain), solid cells counted `tcfg.solid_weight`
-    times, plus `tcfg.spectral_weight` x `spectral_loss`."""
+    times."""
     cells_B1XYZ = rearrange(1 + (tcfg.solid_weight - 1) * mask_BXYZ, "b x y z -> b 1 x y z")
-    mse = ((pred_BCXYZ - true_BCXYZ).pow(2) * weight_BC111 * cells_B1XYZ).mean()
-    if not tcfg.spectral_weight:
-        return mse
-    return mse + tcfg.spectral_weight * spectral_loss(pred_BCXYZ, true_BCXYZ, k_max, p)
+    return ((pred_BCXYZ - true_BCXYZ).pow(2) * weight_BC111 * cells_B1XYZ).mean()
 
 
 def seam_ratio(u_BCXYZ: torch.Tensor, p: int) -> float:
@@ -116,8 +141,9 @@ def seam_ratio(u_BCXYZ: torch.Tensor, p: int) -> float:
 
 @torch.no_grad()
 def evaluate(net: TokenizerNet, norm: Normalization, manifest: dict, root: Path, split: str, max_fields: int,
-             device: torch.device) -> tuple[dict, dict]:
-    """Per-domain held-out metrics, and per domain what the plots show.
+             device: torch.device, gains: dict[str, torch.Tensor] | None = None) -> tuple[dict, dict]:
+    """Per-domain held-out metrics of the decoder with the spectral `gains` (None: without; the
+    evaluations during training, before the gain is fit), and per domain what the plots show.
 
     leak_solid: rms |u| in solid cells over rms |u| in fluid cells, decoded; leak_solid_raw: the
     same for the simulator's field (Brinkman penalization leaves a little flow in solids too).
@@ -151,7 +177,7 @@ def evaluate(net: TokenizerNet, norm: Normalization, manifest: dict, root: Path,
                     continue  # read on to the shard's end: its checksum is verified there
                 u_t = torch.from_numpy(u)[None].to(device)
                 m_t = torch.from_numpy(mask.astype(np.float32))[None].to(device)
-                _, rec = reconstruct(net, norm, u_t, m_t, domain)
+                _, rec = reconstruct(net, norm, u_t, m_t, domain, gains)
                 truth = u_t.double()
                 acc["mse"].append(float((rec - truth).pow(2).mean()))
                 acc["vrmse_c"].append(vrmse_BC(rec, truth)[0].cpu().numpy())
@@ -237,7 +263,7 @@ def _train(cfg, root: Path, info: DistInfo) -> dict:
     arch = {**tcfg.architecture(), "band": data_band(manifest)}
     identity = {"format": CHECKPOINT_FORMAT, "grid": manifest["grid"], "architecture": arch,
                 "raw_config_sha": manifest.get("config_sha"), "seed": cfg.seed, "steps": tcfg.steps,
-                "batch": tcfg.batch, "lr": tcfg.lr, "warmup": tcfg.warmup, "spectral_weight": tcfg.spectral_weight,
+                "batch": tcfg.batch, "lr": tcfg.lr, "warmup": tcfg.warmup,
                 "solid_weight": tcfg.solid_weight, "world_size": info.world_size}
     identity_sha = sha256_json(identity)
 
@@ -269,7 +295,6 @@ def _train(cfg, root: Path, info: DistInfo) -> dict:
                       resume_step=step)
     stream = stream_fields(train_shards, seed=cfg.seed * 1000 + info.rank + 7919 * step, buffer=tcfg.shuffle_buffer)
     weights = {d: torch.tensor(norm.loss_weights(d), device=device).view(3, 1, 1, 1) for d in manifest["domains"]}
-    k_max = arch["band"] or manifest["grid"] // 2  # shells the spectral loss compares
     net.train()
     t0, fields = time.perf_counter(), 0
     first_loss = last_loss = None
@@ -282,7 +307,7 @@ def _train(cfg, root: Path, info: DistInfo) -> dict:
             group["lr"] = lr_at(step, tcfg)
         _, w_pred = model(v, mask)
         v_pred = net.velocity(w_pred)
-        loss = reconstruction_loss(v_pred, v, mask, weight, tcfg, k_max, net.p)
+        loss = reconstruction_loss(v_pred, v, mask, weight, tcfg)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -317,18 +342,21 @@ def _train(cfg, root: Path, info: DistInfo) -> dict:
 
 def finish(net: TokenizerNet, norm: Normalization, cfg, manifest: dict, root: Path, device: torch.device,
            tracker: Tracker, step: int, run: dict) -> dict:
-    """Held-out evaluation, audit, figures (of the first held-out split that has fields, val
-    normally); write tokenizer.pt + tokenizer.json (rank 0)."""
+    """Spectral gain (train split), held-out evaluation, audit, figures (of the first held-out
+    split that has fields, val normally); write tokenizer.pt + tokenizer.json (rank 0)."""
     from shodh.tokenizer.audit import audit_net
 
     tcfg: TokenizerConfig = cfg.tokenizer
-    metrics, figures = {}, {}
+    gain_lists = fit_spectral_gain(net, norm, manifest, root, device)
+    gains = {d: torch.tensor(g, dtype=torch.float64) for d, g in gain_lists.items()}
+    metrics = {f"gain/{d}/max": max(g) for d, g in gain_lists.items()}
+    figures = {}
     for split in HELD_OUT:
-        split_metrics, split_figures = evaluate(net, norm, manifest, root, split, tcfg.eval_fields, device)
+        split_metrics, split_figures = evaluate(net, norm, manifest, root, split, tcfg.eval_fields, device, gains)
         metrics.update(split_metrics)
         for domain, figure in split_figures.items():
             figures.setdefault(domain, figure)
-    audit = audit_net(net, norm, manifest, root, device)
+    audit = audit_net(net, norm, manifest, root, device, gains=gains)
     metrics.update({f"audit/{k}": audit[k] for k in ("max_abs", "rel_max", "rel_rms")})
     tracker.log_metrics(metrics, step)
     for path in plot_figures(figures, manifest["grid"], tracker.run_dir / "plots") if figures else []:
@@ -348,6 +376,9 @@ def finish(net: TokenizerNet, norm: Normalization, cfg, manifest: dict, root: Pa
         "domains": list(manifest["domains"]), "normalization": norm.to_json(),
         "normalization_note": "u = mean[domain] + scale[domain] * v (scalar scale keeps div u = 0); "
                               "stats are the raw manifest's train-split statistics",
+        "spectral_gain": gain_lists,
+        "spectral_gain_note": "decode multiplies each Fourier mode by its shell's (round |k|) gain, per domain; "
+                              "fit on the train split (train.fit_spectral_gain)",
         "raw_config_sha": manifest.get("config_sha"), "metrics": metrics,
         "audit": {k: audit[k] for k in ("operator", "dtype", "max_abs", "rel_max", "rel_rms")},
         "loss": {k: (round(v, 6) if v is not None else None) for k, v in run.items()},
