@@ -212,7 +212,7 @@ def test_spectral_gain_scales_each_shell_and_keeps_the_field_divergence_free():
     """`model.equalize` multiplies shell k's energy by gain_k² exactly, keeps the mean (shell 0)
     and, being a real Fourier multiplier, keeps the field divergence-free and band-limited."""
     from shodh.fields.metrics import energy_spectrum_BS
-    from shodh.tokenizer.model import equalize
+    from shodh.tokenizer.model import equalize, gain_multiplier
 
     n, band = 32, 10
     w = torch.randn(2, 3, n, n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
@@ -220,7 +220,7 @@ def test_spectral_gain_scales_each_shell_and_keeps_the_field_divergence_free():
     e_S = energy_spectrum_BS(u)
     gain_S = 1 + torch.rand(e_S.shape[-1], dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     gain_S[0] = 1.0
-    lifted = equalize(u, gain_S)
+    lifted = equalize(u, gain_multiplier(gain_S, n))
     assert torch.allclose(energy_spectrum_BS(lifted), e_S * gain_S**2, rtol=1e-10, atol=1e-20)
     assert torch.allclose(lifted.mean(dim=(-3, -2, -1)), u.mean(dim=(-3, -2, -1)), atol=1e-14)
     assert spectral.divergence_stats(lifted, "spectral")["rel_max"] <= 1e-12
@@ -381,7 +381,7 @@ def test_spectral_gain_lifts_the_train_spectrum_to_the_truth(trained_root):
     manifest = load_raw_manifest(trained_root)
     band = tok.net.band
     for domain in manifest["domains"]:
-        gain_S = tok.gains[domain]
+        gain_S = torch.tensor(tok.info["spectral_gain"][domain], dtype=torch.float64)
         assert gain_S[0] == 1 and bool((gain_S[band + 1 :] == 1).all()) and bool((gain_S >= 1).all())
         frames = [f for s in shards_of(manifest, trained_root, "train") if s["domain"] == domain
                   for f in raw_frames(s)][:GAIN_FIELDS]

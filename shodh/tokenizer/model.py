@@ -199,19 +199,25 @@ def velocity(w_BCXYZ: torch.Tensor, operator: str, band: int | None = None) -> t
     return mean_BC111 + spectral.curl(spectral.biot_savart(w_BCXYZ, band=band), operator)
 
 
-def equalize(v_BCXYZ: torch.Tensor, gain_S: torch.Tensor) -> torch.Tensor:
-    """Each Fourier mode of v times the gain of its shell (round |k|; `gain_S` has one entry per
-    shell of `fields.metrics.energy_spectrum_BS`, shell 0, the mean, has gain 1): a real Fourier
-    multiplier like the curl, so v stays divergence-free and band-limited."""
-    n = v_BCXYZ.shape[-1]
-    shells_XYH, _ = shells_and_weights_XYH(n, v_BCXYZ.device)
-    return spectral.ifft(spectral.fft(v_BCXYZ) * gain_S.to(v_BCXYZ.device, v_BCXYZ.dtype)[shells_XYH], n)
+def gain_multiplier(gain_S: list[float] | torch.Tensor, n: int) -> torch.Tensor:
+    """The spectral gain per rfft mode of an N^3 grid, float64 [N, N, H]: each mode gets the gain
+    of its shell (round |k|; `gain_S` has one entry per shell of `fields.metrics.energy_spectrum_BS`,
+    shell 0, the mean, has gain 1). Built once per tokenizer and domain, not per decode."""
+    shells_XYH, _ = shells_and_weights_XYH(n, torch.device("cpu"))
+    return torch.as_tensor(gain_S, dtype=torch.float64)[shells_XYH]
+
+
+def equalize(v_BCXYZ: torch.Tensor, gain_XYH: torch.Tensor) -> torch.Tensor:
+    """Each Fourier mode of v times its gain (`gain_multiplier`): a real Fourier multiplier like
+    the curl, so v stays divergence-free and band-limited."""
+    return spectral.ifft(spectral.fft(v_BCXYZ) * gain_XYH.to(v_BCXYZ.device, v_BCXYZ.dtype), v_BCXYZ.shape[-1])
 
 
 def decode_physical(net: TokenizerNet, norm: Normalization, z_Bcxyz: torch.Tensor, mask_BXYZ: torch.Tensor,
                     domain: str, gains: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Latent -> physical velocity float64 [B, 3, N, N, N]: the network's w, mean + curl A in
-    float64, the domain's spectral gain (when given), denormalized. Every decode goes through here."""
+    float64, denormalized, times the domain's spectral gain (`gains`: {domain: `gain_multiplier`},
+    when given). Every decode goes through here."""
     u = norm.denormalize(net.velocity(net.decode(z_Bcxyz.float(), mask_BXYZ.float()).double()), domain)
     # after denormalize (which names an unknown domain); the gain keeps the mean, so the order is free
     return u if gains is None else equalize(u, gains[domain])
@@ -241,7 +247,7 @@ class Tokenizer:
         self.channels: int = info["config"]["channels"]
         self.operator: str = info["config"]["operator"]
         self.norm = Normalization.from_json(info["normalization"])
-        self.gains = {d: torch.tensor(g, dtype=torch.float64) for d, g in info["spectral_gain"].items()}
+        self.gains = {d: gain_multiplier(g, self.grid).to(self.device) for d, g in info["spectral_gain"].items()}
 
     @torch.no_grad()
     def encode(self, u_BCXYZ: torch.Tensor, mask_BXYZ: torch.Tensor, domain: str) -> torch.Tensor:

@@ -36,7 +36,7 @@ from shodh.io import RunLock, sha256_file, sha256_json, write_atomic, write_json
 from shodh.schedule import lr_factor
 from shodh.tokenizer.config import TokenizerConfig
 from shodh.tokenizer.data import data_band, load_raw_manifest, raw_frames, shards_of, stream_fields
-from shodh.tokenizer.model import CHECKPOINT_FORMAT, TokenizerNet, build_net, decode_physical
+from shodh.tokenizer.model import CHECKPOINT_FORMAT, TokenizerNet, build_net, decode_physical, gain_multiplier
 from shodh.tracking import Tracker
 from shodh.workspace import HELD_OUT, LATENT, lock_file, tokenizer_dir
 from shodh.workspace import run_dir as workspace_run_dir
@@ -348,7 +348,7 @@ def finish(net: TokenizerNet, norm: Normalization, cfg, manifest: dict, root: Pa
 
     tcfg: TokenizerConfig = cfg.tokenizer
     gain_lists = fit_spectral_gain(net, norm, manifest, root, device)
-    gains = {d: torch.tensor(g, dtype=torch.float64) for d, g in gain_lists.items()}
+    gains = {d: gain_multiplier(g, manifest["grid"]).to(device) for d, g in gain_lists.items()}
     metrics = {f"gain/{d}/max": max(g) for d, g in gain_lists.items()}
     figures = {}
     for split in HELD_OUT:
