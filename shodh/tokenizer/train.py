@@ -7,7 +7,7 @@ score, so weak components (u_z in the channel) are not drowned by the mean-flow 
 solid cells count `tokenizer.solid_weight` times (the decoder must cancel the mean flow there,
 and a smooth potential's curl would rather leak into the solids); all in `reconstruction_loss`.
 No spectral term: after training, `fit_spectral_gain` lifts the shells the decoder under-fills
-(see there), which costs far less VRMSE than asking the network for the energy.
+(see there), which costs less VRMSE than asking the network for the energy.
 State lives in ROOT/tokenizer/checkpoint.pt (model, optimizer, step; loadable with
 weights_only=True) and a rerun resumes from it; the final weights go to tokenizer.pt with
 tokenizer.json beside it. Metrics and figures go to ROOT/runs/<tokenizer.experiment>/<tokenizer.run_name>/
@@ -60,8 +60,8 @@ def reconstruct(net: TokenizerNet, norm: Normalization, u_BCXYZ: torch.Tensor, m
     return z, decode_physical(net, norm, z, mask_BXYZ, domain, gains)
 
 
-# Train fields per domain whose mean spectrum sets the spectral gain (the mean of 64 is converged
-# to a few percent per shell; more only costs time at large grids).
+# Train fields per domain whose mean spectrum sets the spectral gain (at most: one decode each,
+# which costs time at large grids).
 GAIN_FIELDS = 64
 
 
@@ -73,7 +73,7 @@ def fit_spectral_gain(net: TokenizerNet, norm: Normalization, manifest: dict, ro
 
     A decoder trained for the least squared error returns, at scales whose phases the latent
     does not pin down, a damped estimate (the conditional mean): its spectrum falls below the
-    truth's in the finest shells (to 0.21-0.26 of it at shell 21 on the demo's data). Lifting
+    truth's in the finest shells (to 0.21-0.26 of it in the worst shell, README Stage 2). Lifting
     those shells back with a fixed per-shell gain g costs (g - 1)² E_decoded(k) of squared error
     there, little, because E_decoded is small where g is large; asking the network for that
     energy through a spectral loss term cost more VRMSE (README, Stage 2). The gain
