@@ -27,14 +27,13 @@ import torch
 
 from shodh.fields.metrics import shells_and_weights_XYH, vrmse_BC
 from shodh.fields.spectral import fft, ifft
-from shodh.tokenizer.data import load_raw_manifest, raw_frames, shards_of
+from shodh.tokenizer.data import domain_frames, load_raw_manifest
 from shodh.workspace import LATENT
 
 
 def fields_of(manifest: dict, root: Path, split: str, domain: str) -> list[torch.Tensor]:
     """The split's velocity fields of one domain, float64 [3, N, N, N] each."""
-    return [torch.from_numpy(u).double() for s in shards_of(manifest, root, split) if s["domain"] == domain
-            for u, _, _ in raw_frames(s)]
+    return [torch.from_numpy(u).double() for u, _ in domain_frames(manifest, root, split, domain)]
 
 
 def mode_order_XYH(train: list[torch.Tensor]) -> torch.Tensor:

@@ -374,7 +374,7 @@ def test_spectral_gain_lifts_the_train_spectrum_to_the_truth(trained_root):
     mean and past the band, at least 1 elsewhere, and decoding the fields it was fit on with it
     brings every lifted shell's mean energy to the truth's (and leaves none below it)."""
     from shodh.fields.metrics import energy_spectrum_BS
-    from shodh.tokenizer.data import load_raw_manifest, raw_frames, shards_of
+    from shodh.tokenizer.data import domain_frames, load_raw_manifest
     from shodh.tokenizer.train import GAIN_FIELDS
 
     tok = load_tokenizer(trained_root)
@@ -383,10 +383,8 @@ def test_spectral_gain_lifts_the_train_spectrum_to_the_truth(trained_root):
     for domain in manifest["domains"]:
         gain_S = torch.tensor(tok.info["spectral_gain"][domain], dtype=torch.float64)
         assert gain_S[0] == 1 and bool((gain_S[band + 1 :] == 1).all()) and bool((gain_S >= 1).all())
-        frames = [f for s in shards_of(manifest, trained_root, "train") if s["domain"] == domain
-                  for f in raw_frames(s)][:GAIN_FIELDS]
         e_true, e_dec = 0, 0
-        for u, mask, _ in frames:
+        for u, mask in domain_frames(manifest, trained_root, "train", domain, GAIN_FIELDS):
             u_t, m_t = torch.from_numpy(u)[None], torch.from_numpy(mask.astype(np.float32))[None]
             e_true = e_true + energy_spectrum_BS(u_t.double())[0]
             e_dec = e_dec + energy_spectrum_BS(tok.decode(tok.encode(u_t, m_t, domain), m_t, domain))[0]

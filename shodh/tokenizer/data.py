@@ -115,6 +115,21 @@ def raw_frames(record: dict) -> Iterator[tuple[np.ndarray, np.ndarray, dict]]:
         yield frame(sample, shard, record["limit"])
 
 
+def domain_frames(manifest: dict, root: Path, split: str, domain: str,
+                  limit: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(u, mask) of the first `limit` frames (0: all) of one domain in one split, shard by shard.
+    A shard a frame came from is read to its end (its checksum is verified there, so a DataError
+    may follow the frames it names); no shard is opened once `limit` frames were given."""
+    seen = 0
+    for shard in (s for s in shards_of(manifest, root, split) if s["domain"] == domain):
+        if limit and seen >= limit:
+            return
+        for u, mask, _ in raw_frames(shard):
+            if not limit or seen < limit:
+                seen += 1
+                yield u, mask
+
+
 def stream_fields(shards: list[dict], seed: int, buffer: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, str]]:
     """Endless (u [3,N,N,N], mask [N,N,N], domain) stream: shard order reshuffled each pass,
     fields drawn at random from a buffer of `buffer` fields (memory stays bounded).

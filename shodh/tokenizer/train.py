@@ -35,7 +35,7 @@ from shodh.fields.spectral import divergence_stats, wavenumbers
 from shodh.io import RunLock, sha256_file, sha256_json, write_atomic, write_json_atomic
 from shodh.schedule import lr_factor
 from shodh.tokenizer.config import TokenizerConfig
-from shodh.tokenizer.data import data_band, load_raw_manifest, raw_frames, shards_of, stream_fields
+from shodh.tokenizer.data import data_band, domain_frames, load_raw_manifest, shards_of, stream_fields
 from shodh.tokenizer.model import CHECKPOINT_FORMAT, TokenizerNet, build_net, decode_physical, gain_multiplier
 from shodh.tracking import Tracker
 from shodh.workspace import HELD_OUT, LATENT, lock_file, tokenizer_dir
@@ -85,17 +85,12 @@ def fit_spectral_gain(net: TokenizerNet, norm: Normalization, manifest: dict, ro
     gains = {}
     for domain in manifest["domains"]:
         e_true, e_rec, seen = 0.0, 0.0, 0
-        for shard in (s for s in shards_of(manifest, root, "train") if s["domain"] == domain):
-            for u, mask, _ in raw_frames(shard):
-                if seen >= GAIN_FIELDS:
-                    continue  # read on to the shard's end: its checksum is verified there
-                u_t = torch.from_numpy(u)[None].to(device)
-                _, rec = reconstruct(net, norm, u_t, torch.from_numpy(mask.astype(np.float32))[None].to(device), domain)
-                e_true = e_true + energy_spectrum_BS(u_t.double())[0]
-                e_rec = e_rec + energy_spectrum_BS(rec)[0]
-                seen += 1
-            if seen >= GAIN_FIELDS:
-                break
+        for u, mask in domain_frames(manifest, root, "train", domain, GAIN_FIELDS):
+            u_t = torch.from_numpy(u)[None].to(device)
+            _, rec = reconstruct(net, norm, u_t, torch.from_numpy(mask.astype(np.float32))[None].to(device), domain)
+            e_true = e_true + energy_spectrum_BS(u_t.double())[0]
+            e_rec = e_rec + energy_spectrum_BS(rec)[0]
+            seen += 1
         if not seen:
             raise DataError(f"{Path(root) / 'raw' / 'manifest.json'}: no train field of domain '{domain}' "
                             "to fit the tokenizer's spectral gain on")
@@ -169,33 +164,28 @@ def evaluate(net: TokenizerNet, norm: Normalization, manifest: dict, root: Path,
         acc: dict[str, list] = {"mse": [], "vrmse_c": [], "leak": [], "leak_raw": [], "div": [], "spectra": [],
                                 "seam": [], "seam_raw": [], "comb": []}
         seen = 0
-        for shard in (s for s in shards_of(manifest, root, split) if s["domain"] == domain):
-            if max_fields and seen >= max_fields:
-                break
-            for u, mask, _ in raw_frames(shard):
-                if max_fields and seen >= max_fields:
-                    continue  # read on to the shard's end: its checksum is verified there
-                u_t = torch.from_numpy(u)[None].to(device)
-                m_t = torch.from_numpy(mask.astype(np.float32))[None].to(device)
-                _, rec = reconstruct(net, norm, u_t, m_t, domain, gains)
-                truth = u_t.double()
-                acc["mse"].append(float((rec - truth).pow(2).mean()))
-                acc["vrmse_c"].append(vrmse_BC(rec, truth)[0].cpu().numpy())
-                acc["div"].append(divergence_stats(rec, net.operator)["rel_max"])
-                if comb_XYH is not None:
-                    acc["comb"].append(float(energy_spectrum_BS(rec, comb_XYH).sum() / energy_spectrum_BS(truth, comb_XYH).sum()))
-                if net.p > 1:
-                    acc["seam"].append(seam_ratio(rec, net.p))
-                    acc["seam_raw"].append(seam_ratio(truth, net.p))
-                acc["spectra"].append(torch.cat([energy_spectrum_BS(f) for f in (truth, rec, rec - truth)]).cpu())
-                solid = m_t[0].bool()
-                if solid.any() and (~solid).any():
-                    speed, speed_raw = rec[0].pow(2).sum(0), truth[0].pow(2).sum(0)
-                    acc["leak"].append(float(speed[solid].mean().sqrt() / speed[~solid].mean().sqrt()))
-                    acc["leak_raw"].append(float(speed_raw[solid].mean().sqrt() / speed_raw[~solid].mean().sqrt()))
-                if domain not in figures:
-                    figures[domain] = {"example": (truth[0].cpu(), rec[0].cpu(), m_t[0].cpu()), "k_max": k_max}
-                seen += 1
+        for u, mask in domain_frames(manifest, root, split, domain, max_fields):
+            u_t = torch.from_numpy(u)[None].to(device)
+            m_t = torch.from_numpy(mask.astype(np.float32))[None].to(device)
+            _, rec = reconstruct(net, norm, u_t, m_t, domain, gains)
+            truth = u_t.double()
+            acc["mse"].append(float((rec - truth).pow(2).mean()))
+            acc["vrmse_c"].append(vrmse_BC(rec, truth)[0].cpu().numpy())
+            acc["div"].append(divergence_stats(rec, net.operator)["rel_max"])
+            if comb_XYH is not None:
+                acc["comb"].append(float(energy_spectrum_BS(rec, comb_XYH).sum() / energy_spectrum_BS(truth, comb_XYH).sum()))
+            if net.p > 1:
+                acc["seam"].append(seam_ratio(rec, net.p))
+                acc["seam_raw"].append(seam_ratio(truth, net.p))
+            acc["spectra"].append(torch.cat([energy_spectrum_BS(f) for f in (truth, rec, rec - truth)]).cpu())
+            solid = m_t[0].bool()
+            if solid.any() and (~solid).any():
+                speed, speed_raw = rec[0].pow(2).sum(0), truth[0].pow(2).sum(0)
+                acc["leak"].append(float(speed[solid].mean().sqrt() / speed[~solid].mean().sqrt()))
+                acc["leak_raw"].append(float(speed_raw[solid].mean().sqrt() / speed_raw[~solid].mean().sqrt()))
+            if domain not in figures:
+                figures[domain] = {"example": (truth[0].cpu(), rec[0].cpu(), m_t[0].cpu()), "k_max": k_max}
+            seen += 1
         if not seen:
             continue
         e_true_S, e_rec_S, e_err_S = torch.stack(acc["spectra"]).mean(0)
