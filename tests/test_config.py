@@ -49,6 +49,7 @@ def test_precedence_defaults_yaml_overrides():
         ("nosuchsection.x=1", "nosuchsection"),
         ("sim.grid.x=1", "sim.grid"),
         ("tokenizer.solid_weight=0", "tokenizer.solid_weight"),
+        ("tokenizer.spectrum_target=1.5", "tokenizer.spectrum_target"),
     ],
 )
 def test_bad_values_name_the_field(override, field):

@@ -7,7 +7,8 @@ score, so weak components (u_z in the channel) are not drowned by the mean-flow 
 solid cells count `tokenizer.solid_weight` times (the decoder must cancel the mean flow there,
 and a smooth potential's curl would rather leak into the solids); all in `reconstruction_loss`.
 No spectral term: after training, `fit_spectral_gain` lifts the shells the decoder under-fills
-(see there), which costs less VRMSE than asking the network for the energy.
+to `tokenizer.spectrum_target` of the true energy (see there), which costs less VRMSE than
+asking the network for the energy.
 State lives in ROOT/tokenizer/checkpoint.pt (model, optimizer, step; loadable with
 weights_only=True) and a rerun resumes from it; the final weights go to tokenizer.pt with
 tokenizer.json beside it. Metrics and figures go to ROOT/runs/<tokenizer.experiment>/<tokenizer.run_name>/
@@ -66,40 +67,56 @@ GAIN_FIELDS = 64
 
 
 @torch.no_grad()
+def mean_spectra(net: TokenizerNet, norm: Normalization, manifest: dict, root: Path, device: torch.device,
+                 split: str = "train", limit: int = GAIN_FIELDS) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{domain: (E_true [S], E_decoded [S])}: the mean energy spectra (float64, on the CPU) of the
+    first `limit` fields of each domain in `split` and of their reconstructions without a gain."""
+    net.eval()
+    spectra = {}
+    for domain in manifest["domains"]:
+        e_true, e_rec, seen = 0.0, 0.0, 0
+        for u, mask in domain_frames(manifest, root, split, domain, limit):
+            u_t = torch.from_numpy(u)[None].to(device)
+            _, rec = reconstruct(net, norm, u_t, torch.from_numpy(mask.astype(np.float32))[None].to(device), domain)
+            e_true = e_true + energy_spectrum_BS(u_t.double())[0].cpu()
+            e_rec = e_rec + energy_spectrum_BS(rec)[0].cpu()
+            seen += 1
+        if not seen:
+            raise DataError(f"{Path(root) / 'raw' / 'manifest.json'}: no {split} field of domain '{domain}' "
+                            "to fit the tokenizer's spectral gain on")
+        spectra[domain] = (e_true / seen, e_rec / seen)
+    net.train()
+    return spectra
+
+
+def spectral_gain(e_true_S: torch.Tensor, e_dec_S: torch.Tensor, k_max: int, target: float) -> list[float]:
+    """Per shell, sqrt(max(1, target x E_true(k) / E_decoded(k))) for shells 1..k_max, 1 elsewhere:
+    the gain that lifts every shell the decoder fills with less than `target` of the true energy
+    to exactly that fraction (`tokenizer.spectrum_target`; 0: no gain)."""
+    gain_S = torch.ones_like(e_true_S)
+    shells = slice(1, k_max + 1)
+    gain_S[shells] = (target * e_true_S[shells] / e_dec_S[shells].clamp_min(1e-300)).clamp_min(1).sqrt()
+    return [float(g) for g in gain_S]
+
+
 def fit_spectral_gain(net: TokenizerNet, norm: Normalization, manifest: dict, root: Path,
-                      device: torch.device) -> dict[str, list[float]]:
-    """Per domain and shell, sqrt(max(1, E_true(k) / E_decoded(k))) of the mean energy spectra
-    over the train split's fields, for shells 1..K (the data's band, else N/2); 1 elsewhere.
+                      device: torch.device, target: float) -> dict[str, list[float]]:
+    """Per domain, `spectral_gain` of the train split's mean spectra (`mean_spectra`), for shells
+    1..K (the data's band, else N/2).
 
     A decoder trained for the least squared error returns, at scales whose phases the latent
     does not pin down, a damped estimate (the conditional mean): its spectrum falls below the
-    truth's in the finest shells (to 0.21-0.26 of it in the worst shell, README Stage 2). Lifting
-    those shells back with a fixed per-shell gain g costs (g - 1)² E_decoded(k) of squared error
-    there, little, because E_decoded is small where g is large; asking the network for that
-    energy through a spectral loss term cost more VRMSE (README, Stage 2). The gain
-    is a real Fourier multiplier (`model.equalize`): decoded fields stay divergence-free and
-    band-limited. It only lifts: shells the decoder over-fills keep gain 1."""
-    net.eval()
-    n = manifest["grid"]
-    k_max = net.band or n // 2
-    gains = {}
-    for domain in manifest["domains"]:
-        e_true, e_rec, seen = 0.0, 0.0, 0
-        for u, mask in domain_frames(manifest, root, "train", domain, GAIN_FIELDS):
-            u_t = torch.from_numpy(u)[None].to(device)
-            _, rec = reconstruct(net, norm, u_t, torch.from_numpy(mask.astype(np.float32))[None].to(device), domain)
-            e_true = e_true + energy_spectrum_BS(u_t.double())[0]
-            e_rec = e_rec + energy_spectrum_BS(rec)[0]
-            seen += 1
-        if not seen:
-            raise DataError(f"{Path(root) / 'raw' / 'manifest.json'}: no train field of domain '{domain}' "
-                            "to fit the tokenizer's spectral gain on")
-        gain_S = torch.ones_like(e_true)
-        shells = slice(1, k_max + 1)
-        gain_S[shells] = (e_true[shells] / e_rec[shells].clamp_min(1e-300)).clamp_min(1).sqrt()
-        gains[domain] = [float(g) for g in gain_S.cpu()]
-    net.train()
-    return gains
+    truth's in the finest shells (to 0.19-0.26 of it in the worst shell, README Stage 2). Lifting
+    a shell with a fixed gain g costs (g - 1)² E_decoded(k) of squared error there: the least
+    any per-shell rescaling that reaches the energy can cost, and less than asking the network
+    for the energy through a spectral loss term (README, Stage 2). It is not free: lifting
+    every shell to the full truth (target 1) cost the demo's channel 14 % of its VRMSE, so
+    `target` trades spectrum for VRMSE (README, Stage 2: the curve). The gain is a real Fourier
+    multiplier (`model.equalize`): decoded fields stay divergence-free and band-limited. It only
+    lifts: shells the decoder fills with more than `target` of the truth keep gain 1."""
+    k_max = net.band or manifest["grid"] // 2
+    return {domain: spectral_gain(e_true, e_rec, k_max, target)
+            for domain, (e_true, e_rec) in mean_spectra(net, norm, manifest, root, device).items()}
 
 
 def patch_comb_XYH(n: int, p: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -337,7 +354,7 @@ def finish(net: TokenizerNet, norm: Normalization, cfg, manifest: dict, root: Pa
     from shodh.tokenizer.audit import audit_net
 
     tcfg: TokenizerConfig = cfg.tokenizer
-    gain_lists = fit_spectral_gain(net, norm, manifest, root, device)
+    gain_lists = fit_spectral_gain(net, norm, manifest, root, device, tcfg.spectrum_target)
     gains = {d: gain_multiplier(g, manifest["grid"]).to(device) for d, g in gain_lists.items()}
     metrics = {f"gain/{d}/max": max(g) for d, g in gain_lists.items()}
     figures = {}
@@ -359,7 +376,10 @@ def finish(net: TokenizerNet, norm: Normalization, cfg, manifest: dict, root: Pa
     digest = sha256_file(weights)
     n = manifest["grid"]
     info = {
-        "format": CHECKPOINT_FORMAT, "id": digest[:16], "sha256": digest, "grid": n,
+        # The id names what decoding does: the weights and the gain (refit when spectrum_target
+        # changes, with the same weights); the latents depend on the weights alone.
+        "format": CHECKPOINT_FORMAT, "id": sha256_json({"weights": digest, "spectral_gain": gain_lists}),
+        "sha256": digest, "grid": n,
         "latent_shape": [tcfg.channels, LATENT, LATENT, LATENT], "compression": 3 * n**3 / (tcfg.channels * LATENT**3),
         "config": {**tcfg.architecture(), "band": net.band}, "training": dataclasses.asdict(tcfg), "seed": cfg.seed,
         "steps": step,
@@ -368,7 +388,8 @@ def finish(net: TokenizerNet, norm: Normalization, cfg, manifest: dict, root: Pa
                               "stats are the raw manifest's train-split statistics",
         "spectral_gain": gain_lists,
         "spectral_gain_note": "decode multiplies each Fourier mode by its shell's (round |k|) gain, per domain; "
-                              "fit on the train split (train.fit_spectral_gain)",
+                              "fit on the train split to restore training.spectrum_target of each shell's true energy "
+                              "(train.fit_spectral_gain)",
         "raw_config_sha": manifest.get("config_sha"), "metrics": metrics,
         "audit": {k: audit[k] for k in ("operator", "dtype", "max_abs", "rel_max", "rel_rms")},
         "loss": {k: (round(v, 6) if v is not None else None) for k, v in run.items()},
