@@ -30,8 +30,8 @@ class TokenizerConfig:
     # (leak_solid) at the same VRMSE; 8 lowers it further but costs VRMSE (README, Stage 2)
     solid_weight: float = 4.0
     # Fraction of each shell's true train-split energy the spectral gain restores where the decoder
-    # falls short (`train.fit_spectral_gain`; 0: no gain). 1 keeps the full spectrum but cost the
-    # demo's channel 14 % of its VRMSE; 0.8 cost 7 % (README, Stage 2: the curve). Applied after
+    # falls short (`train.fit_spectral_gain`; 0: no gain). 1 keeps the full spectrum but costs the
+    # demo's channel 9 % of its VRMSE; 0.8 costs 4 % (README, Stage 2: the curve). Applied after
     # training, so changing it refits the gain without retraining (and changes the tokenizer id).
     spectrum_target: float = 0.8
     eval_every: int = 0  # 0: evaluate only at the end

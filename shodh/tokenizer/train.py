@@ -67,22 +67,22 @@ GAIN_FIELDS = 64
 
 
 @torch.no_grad()
-def mean_spectra(net: TokenizerNet, norm: Normalization, manifest: dict, root: Path, device: torch.device,
-                 split: str = "train", limit: int = GAIN_FIELDS) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def mean_spectra(net: TokenizerNet, norm: Normalization, manifest: dict, root: Path,
+                 device: torch.device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{domain: (E_true [S], E_decoded [S])}: the mean energy spectra (float64, on the CPU) of the
-    first `limit` fields of each domain in `split` and of their reconstructions without a gain."""
+    first GAIN_FIELDS train fields of each domain and of their reconstructions without a gain."""
     net.eval()
     spectra = {}
     for domain in manifest["domains"]:
         e_true, e_rec, seen = 0.0, 0.0, 0
-        for u, mask in domain_frames(manifest, root, split, domain, limit):
+        for u, mask in domain_frames(manifest, root, "train", domain, GAIN_FIELDS):
             u_t = torch.from_numpy(u)[None].to(device)
             _, rec = reconstruct(net, norm, u_t, torch.from_numpy(mask.astype(np.float32))[None].to(device), domain)
             e_true = e_true + energy_spectrum_BS(u_t.double())[0].cpu()
             e_rec = e_rec + energy_spectrum_BS(rec)[0].cpu()
             seen += 1
         if not seen:
-            raise DataError(f"{Path(root) / 'raw' / 'manifest.json'}: no {split} field of domain '{domain}' "
+            raise DataError(f"{Path(root) / 'raw' / 'manifest.json'}: no train field of domain '{domain}' "
                             "to fit the tokenizer's spectral gain on")
         spectra[domain] = (e_true / seen, e_rec / seen)
     net.train()
@@ -106,11 +106,11 @@ def fit_spectral_gain(net: TokenizerNet, norm: Normalization, manifest: dict, ro
 
     A decoder trained for the least squared error returns, at scales whose phases the latent
     does not pin down, a damped estimate (the conditional mean): its spectrum falls below the
-    truth's in the finest shells (to 0.19-0.26 of it in the worst shell, README Stage 2). Lifting
-    a shell with a fixed gain g costs (g - 1)² E_decoded(k) of squared error there: the least
-    any per-shell rescaling that reaches the energy can cost, and less than asking the network
-    for the energy through a spectral loss term (README, Stage 2). It is not free: lifting
-    every shell to the full truth (target 1) cost the demo's channel 14 % of its VRMSE, so
+    truth's in the finest shells (to 0.19-0.33 of it in the worst shell, README Stage 2). Lifting
+    a shell with a fixed gain g adds (g - 1)² E_decoded(k) of squared error there (exactly so
+    for a conditional-mean decoder, whose error is uncorrelated with its output), less than
+    asking the network for the energy through a spectral loss term cost (README, Stage 2). It is not free: lifting
+    every shell to the full truth (target 1) costs the demo's channel 9 % of its VRMSE, so
     `target` trades spectrum for VRMSE (README, Stage 2: the curve). The gain is a real Fourier
     multiplier (`model.equalize`): decoded fields stay divergence-free and band-limited. It only
     lifts: shells the decoder fills with more than `target` of the truth keep gain 1."""
