@@ -5,7 +5,8 @@ or written: this chooses the target for a tokenizer (README, Stage 2).
 
     .venv/bin/python benchmarks/tokenizer_gain_curve.py --root ROOT [--targets 0,0.5,0.8,1]
 
-Prints one JSON object per target, then a markdown table (val / test).
+Prints one JSON object per target (`tokenizer`: the id of the tokenizer loaded, whose stored
+gain is not used here), then a markdown table (val / test).
 """
 
 from __future__ import annotations
