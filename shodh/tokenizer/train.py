@@ -109,9 +109,9 @@ def fit_spectral_gain(net: TokenizerNet, norm: Normalization, manifest: dict, ro
     truth's in the finest shells (to 0.19-0.33 of it in the worst shell, README Stage 2). Lifting
     a shell with a fixed gain g adds (g - 1)² E_decoded(k) of squared error there (exactly so
     for a conditional-mean decoder, whose error is uncorrelated with its output), less than
-    asking the network for the energy through a spectral loss term cost (README, Stage 2). It is not free: lifting
-    every shell to the full truth (target 1) costs the demo's channel 9 % of its VRMSE, so
-    `target` trades spectrum for VRMSE (README, Stage 2: the curve). The gain is a real Fourier
+    asking the network for the energy through a spectral loss term cost (README, Stage 2). It
+    is not free: lifting every shell to the full truth (target 1) costs the demo's channel 9 %
+    of its VRMSE, so `target` trades spectrum for VRMSE (README, Stage 2: the curve). The gain is a real Fourier
     multiplier (`model.equalize`): decoded fields stay divergence-free and band-limited. It only
     lifts: shells the decoder fills with more than `target` of the truth keep gain 1."""
     k_max = net.band or manifest["grid"] // 2
