@@ -18,7 +18,7 @@ from pathlib import Path
 from shodh.distributed import choose_device, dist_info
 from shodh.tokenizer import load_tokenizer
 from shodh.tokenizer.data import load_raw_manifest
-from shodh.tokenizer.model import gain_multiplier
+from shodh.tokenizer.model import gain_multipliers
 from shodh.tokenizer.train import evaluate, mean_spectra, spectral_gain
 
 COLUMNS = ("vrmse", "spectrum_ratio_min", "leak_solid")
@@ -38,12 +38,11 @@ def main() -> None:
     device = choose_device(args.device, dist_info())
     tok = load_tokenizer(args.root, device)
     manifest = load_raw_manifest(args.root)
-    k_max = tok.net.band or manifest["grid"] // 2
     spectra = mean_spectra(tok.net, tok.norm, manifest, args.root, device)
     rows = []
     for target in targets:
-        gains = {d: gain_multiplier(spectral_gain(e_true, e_dec, k_max, target), manifest["grid"]).to(device)
-                 for d, (e_true, e_dec) in spectra.items()}
+        gains = gain_multipliers({d: spectral_gain(e_true, e_dec, tok.net.k_max, target)
+                                  for d, (e_true, e_dec) in spectra.items()}, manifest["grid"], device)
         metrics = {}
         for split in ("val", "test"):
             metrics.update(evaluate(tok.net, tok.norm, manifest, args.root, split, args.max_fields, device, gains)[0])

@@ -20,7 +20,7 @@ from shodh.fields.normalization import Normalization
 from shodh.fields.spectral import divergence_stats, resample, resample_mask
 from shodh.physics.solver import band_limit
 from shodh.tokenizer.data import data_band, load_raw_manifest, raw_frames, shards_of
-from shodh.tokenizer.model import TokenizerNet, build_net, decode_physical, load_tokenizer
+from shodh.tokenizer.model import TokenizerNet, build_net, load_tokenizer, reconstruct
 from shodh.workspace import LATENT, raw_manifest_path, tokenizer_dir
 
 
@@ -66,8 +66,7 @@ def audit_net(net: TokenizerNet, norm: Normalization, manifest: dict | None,
     w = net.decode(z.to(device), masks.to(device))
     cases = {"random_latent": audit_fields(net.velocity(w.double()), operator)}
     for domain, u, mask in fields:
-        z_enc = net.encode(norm.normalize(u[None].float().to(device), domain), mask[None].to(device))
-        decoded = decode_physical(net, norm, z_enc, mask[None].to(device), domain, gains)
+        _, decoded = reconstruct(net, norm, u[None].to(device), mask[None].to(device), domain, gains)
         cases[f"encoded_{domain}"] = audit_fields(decoded, operator)
     worst = {k: max(c[k] for c in cases.values()) for k in ("max_abs", "rel_max", "rel_rms")}
     return {"operator": operator, "dtype": "float64", "grid": n, **worst, "cases": cases}

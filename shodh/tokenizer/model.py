@@ -178,6 +178,12 @@ class TokenizerNet(nn.Module):
         h = self.dec_blocks(self.dec_in(torch.cat([z_Bxyzc, self._fold(m)], dim=-1)))
         return self._overlap_add(self._windows(h)) + spectral.resample(z_Bcxyz[:, :LOWPASS], self.grid)
 
+    @property
+    def k_max(self) -> int:
+        """The last shell the decoded fields can fill: the data's band, else N/2 (the shells
+        the spectral gain and the spectrum metrics cover, 1..k_max)."""
+        return self.band or self.grid // 2
+
     def velocity(self, w_BCXYZ: torch.Tensor) -> torch.Tensor:
         """`velocity` with this network's operator and band."""
         return velocity(w_BCXYZ, self.operator, self.band)
@@ -207,6 +213,12 @@ def gain_multiplier(gain_S: list[float] | torch.Tensor, n: int) -> torch.Tensor:
     return torch.as_tensor(gain_S, dtype=torch.float64)[shells_XYH]
 
 
+def gain_multipliers(spectral_gain: dict[str, list[float]], n: int,
+                     device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """{domain: `gain_multiplier`} on `device`, for a tokenizer.json `spectral_gain` ({domain: per-shell gains})."""
+    return {d: gain_multiplier(g, n).to(device) for d, g in spectral_gain.items()}
+
+
 def equalize(v_BCXYZ: torch.Tensor, gain_XYH: torch.Tensor) -> torch.Tensor:
     """Each Fourier mode of v times its gain (`gain_multiplier`): a real Fourier multiplier like
     the curl, so v stays divergence-free and band-limited."""
@@ -221,6 +233,13 @@ def decode_physical(net: TokenizerNet, norm: Normalization, z_Bcxyz: torch.Tenso
     u = norm.denormalize(net.velocity(net.decode(z_Bcxyz.float(), mask_BXYZ.float()).double()), domain)
     # after denormalize (which names an unknown domain); the gain keeps the mean, so the order is free
     return u if gains is None else equalize(u, gains[domain])
+
+
+def reconstruct(net: TokenizerNet, norm: Normalization, u_BCXYZ: torch.Tensor, mask_BXYZ: torch.Tensor,
+                domain: str, gains: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encode + decode physical fields; returns (latent float32, velocity float64 physical)."""
+    z = net.encode(norm.normalize(u_BCXYZ.float(), domain), mask_BXYZ.float())
+    return z, decode_physical(net, norm, z, mask_BXYZ, domain, gains)
 
 
 def build_net(arch: dict, grid: int) -> TokenizerNet:
@@ -247,7 +266,7 @@ class Tokenizer:
         self.channels: int = info["config"]["channels"]
         self.operator: str = info["config"]["operator"]
         self.norm = Normalization.from_json(info["normalization"])
-        self.gains = {d: gain_multiplier(g, self.grid).to(self.device) for d, g in info["spectral_gain"].items()}
+        self.gains = gain_multipliers(info["spectral_gain"], self.grid, self.device)
 
     @torch.no_grad()
     def encode(self, u_BCXYZ: torch.Tensor, mask_BXYZ: torch.Tensor, domain: str) -> torch.Tensor:

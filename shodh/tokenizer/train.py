@@ -37,7 +37,7 @@ from shodh.io import RunLock, sha256_file, sha256_json, write_atomic, write_json
 from shodh.schedule import lr_factor
 from shodh.tokenizer.config import TokenizerConfig
 from shodh.tokenizer.data import data_band, domain_frames, load_raw_manifest, shards_of, stream_fields
-from shodh.tokenizer.model import CHECKPOINT_FORMAT, TokenizerNet, build_net, decode_physical, gain_multiplier
+from shodh.tokenizer.model import CHECKPOINT_FORMAT, TokenizerNet, build_net, gain_multipliers, reconstruct
 from shodh.tracking import Tracker
 from shodh.workspace import HELD_OUT, LATENT, lock_file, tokenizer_dir
 from shodh.workspace import run_dir as workspace_run_dir
@@ -52,13 +52,6 @@ def setup_process(cfg: TokenizerConfig, info: DistInfo) -> torch.device:
     device = choose_device(cfg.device, info)
     init_process_group(info, device)
     return device
-
-
-def reconstruct(net: TokenizerNet, norm: Normalization, u_BCXYZ: torch.Tensor, mask_BXYZ: torch.Tensor,
-                domain: str, gains: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encode + decode physical fields; returns (latent float32, velocity float64 physical)."""
-    z = net.encode(norm.normalize(u_BCXYZ.float(), domain), mask_BXYZ.float())
-    return z, decode_physical(net, norm, z, mask_BXYZ, domain, gains)
 
 
 # Train fields per domain whose mean spectrum sets the spectral gain (at most: one decode each,
@@ -111,11 +104,11 @@ def fit_spectral_gain(net: TokenizerNet, norm: Normalization, manifest: dict, ro
     for a conditional-mean decoder, whose error is uncorrelated with its output), less than
     asking the network for the energy through a spectral loss term cost (README, Stage 2). It
     is not free: lifting every shell to the full truth (target 1) costs the demo's channel 9 %
-    of its VRMSE, so `target` trades spectrum for VRMSE (README, Stage 2: the curve). The gain is a real Fourier
-    multiplier (`model.equalize`): decoded fields stay divergence-free and band-limited. It only
-    lifts: shells the decoder fills with more than `target` of the truth keep gain 1."""
-    k_max = net.band or manifest["grid"] // 2
-    return {domain: spectral_gain(e_true, e_rec, k_max, target)
+    of its VRMSE, so `target` trades spectrum for VRMSE (README, Stage 2: the curve). The gain
+    is a real Fourier multiplier (`model.equalize`): decoded fields stay divergence-free and
+    band-limited. It only lifts: shells the decoder fills with more than `target` of the truth
+    keep gain 1."""
+    return {domain: spectral_gain(e_true, e_rec, net.k_max, target)
             for domain, (e_true, e_rec) in mean_spectra(net, norm, manifest, root, device).items()}
 
 
@@ -173,7 +166,7 @@ def evaluate(net: TokenizerNet, norm: Normalization, manifest: dict, root: Path,
     """
     net.eval()
     n = manifest["grid"]
-    k_max = net.band or n // 2
+    k_max = net.k_max
     # The comb is only measured where it lies inside the data's band (at 32³ N/p = 16 > band 10).
     comb_XYH = patch_comb_XYH(n, net.p, device) if net.p > 1 and n // net.p <= k_max else None
     metrics, figures = {}, {}
@@ -355,7 +348,7 @@ def finish(net: TokenizerNet, norm: Normalization, cfg, manifest: dict, root: Pa
 
     tcfg: TokenizerConfig = cfg.tokenizer
     gain_lists = fit_spectral_gain(net, norm, manifest, root, device, tcfg.spectrum_target)
-    gains = {d: gain_multiplier(g, manifest["grid"]).to(device) for d, g in gain_lists.items()}
+    gains = gain_multipliers(gain_lists, manifest["grid"], device)
     metrics = {f"gain/{d}/max": max(g) for d, g in gain_lists.items()}
     figures = {}
     for split in HELD_OUT:
